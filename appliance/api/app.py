@@ -1,0 +1,195 @@
+"""aiohttp app factory: thin handlers (parse, call the domain, render) and the edge middlewares."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+from cryptography import x509
+
+from appliance import __version__
+from appliance.authority.authority import Authority, SignRequest
+from appliance.config import CIPHER_SUITES, CaConfig
+from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge
+from appliance.issuance.ca_certs import fingerprint, pem
+
+log = structlog.get_logger("appliance.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ApiState:
+    """What the handlers reach; swapped field by field on reload, never looked up globally."""
+
+    authority: Authority
+    config: CaConfig
+    root: x509.Certificate
+    intermediates: list[x509.Certificate]
+    health: Callable[[], tuple[int, dict[str, Any]]] = field(
+        default=lambda: (200, {"status": "ok"}))
+
+
+STATE = web.AppKey("state", ApiState)
+
+
+def error_body(status: int, message: str) -> web.Response:
+    return web.json_response({"status": status, "message": message}, status=status)
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request; typed errors become step-ca JSON; nothing internal leaks."""
+    start = time.perf_counter()
+    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        response = await _handle(request, handler)
+        response.headers["X-Request-Id"] = request_id
+        log.info("request", method=request.method, path=request.path, status=response.status,
+                 duration_ms=round((time.perf_counter() - start) * 1000, 2),
+                 peer=request.remote, provisioner=request.get("provisioner"),
+                 error=request.get("error"))
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except ApplianceError as e:
+        response = error_body(e.status, e.message)
+        request["error"] = e.message
+    except web.HTTPRequestEntityTooLarge as e:
+        response = error_body(413, f"request body is larger than {e.max_size} bytes")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        response = error_body(e.status, e.reason)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        response = error_body(500, "internal server error")
+    return response
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > request.app[
+            STATE].config.max_body_bytes:
+        raise PayloadTooLarge(
+            f"request body is larger than {request.app[STATE].config.max_body_bytes} bytes")
+    body = await request.read()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {getattr(e, 'msg', 'bad encoding')}"
+                         ) from None
+
+
+def tls_options(config: CaConfig) -> dict[str, Any]:
+    return {"cipherSuites": config.tls.cipher_suites, "minVersion": config.tls.min_version,
+            "maxVersion": config.tls.max_version, "renegotiation": config.tls.renegotiation}
+
+
+# -- handlers ---------------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    status, body = request.app[STATE].health()
+    return web.json_response(body, status=status)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__, "requireClientAuthentication": False})
+
+
+async def root_by_fingerprint(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    wanted = request.match_info["sha"].lower().replace(":", "")
+    if wanted != fingerprint(state.root):
+        raise NotFound(f"root certificate with fingerprint {wanted[:80]} was not found")
+    return web.json_response({"ca": pem(state.root)})
+
+
+def _crts(certs: list[x509.Certificate], as_pem: bool) -> web.Response:
+    if as_pem:
+        return web.Response(text="".join(pem(c) for c in certs),
+                            content_type="application/x-pem-file")
+    return web.json_response({"crts": [pem(c) for c in certs]})
+
+
+async def roots(request: web.Request) -> web.Response:
+    return _crts([request.app[STATE].root], False)
+
+
+async def roots_pem(request: web.Request) -> web.Response:
+    return _crts([request.app[STATE].root], True)
+
+
+async def intermediates(request: web.Request) -> web.Response:
+    return _crts(request.app[STATE].intermediates, False)
+
+
+async def intermediates_pem(request: web.Request) -> web.Response:
+    return _crts(request.app[STATE].intermediates, True)
+
+
+async def provisioners(request: web.Request) -> web.Response:
+    """step-ca pagination: `cursor` is the kid to start at, `limit` at most 100 (default 20)."""
+    state = request.app[STATE]
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit must be a whole number") from None
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be between 1 and 100")
+    items = sorted(state.authority.provisioners, key=lambda p: p.kid)
+    cursor = request.query.get("cursor", "")
+    start = next((i for i, p in enumerate(items) if p.kid >= cursor), len(items)) if cursor else 0
+    page = items[start:start + limit]
+    next_cursor = items[start + limit].kid if start + limit < len(items) else ""
+    return web.json_response({"provisioners": [p.public_json() for p in page],
+                              "nextCursor": next_cursor})
+
+
+async def encrypted_key(request: web.Request) -> web.Response:
+    kid = request.match_info["kid"]
+    for p in request.app[STATE].authority.provisioners:
+        if p.kid == kid and p.config.encrypted_key:
+            return web.json_response({"key": p.config.encrypted_key})
+    raise NotFound("encrypted key not found")
+
+
+async def sign(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sign_request = SignRequest.from_json(await read_json(request))
+    issued, provisioner = await state.authority.sign(sign_request)
+    request["provisioner"] = provisioner
+    chain = issued.pem_chain()
+    return web.json_response(
+        {"crt": chain[0], "ca": chain[1] if len(chain) > 1 else "", "certChain": chain,
+         "tlsOptions": tls_options(state.config)},
+        status=201)
+
+
+def create_app(state: ApiState) -> web.Application:
+    """The API application; `state` carries every service the handlers use."""
+    app = web.Application(client_max_size=state.config.max_body_bytes,
+                          middlewares=[edge_middleware])
+    app[STATE] = state
+    for prefix in ("", "/1.0"):
+        app.router.add_get(f"{prefix}/health", health)
+        app.router.add_get(f"{prefix}/version", version)
+        app.router.add_get(f"{prefix}/root/{{sha}}", root_by_fingerprint)
+        app.router.add_get(f"{prefix}/roots", roots)
+        app.router.add_get(f"{prefix}/roots.pem", roots_pem)
+        app.router.add_get(f"{prefix}/intermediates", intermediates)
+        app.router.add_get(f"{prefix}/intermediates.pem", intermediates_pem)
+        app.router.add_get(f"{prefix}/provisioners", provisioners)
+        app.router.add_get(f"{prefix}/provisioners/{{kid}}/encrypted-key", encrypted_key)
+        app.router.add_post(f"{prefix}/sign", sign)
+    return app
+
+
+__all__ = ["ApiState", "CIPHER_SUITES", "STATE", "create_app"]

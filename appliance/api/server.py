@@ -1,0 +1,324 @@
+"""`applianctl serve`: a supervising process and several workers sharing one port.
+
+Building and token-signing a certificate holds the GIL, and SoftHSM2 as python-pkcs11 loads it
+must never be entered by two threads at once, so throughput comes from processes: each worker
+has its own module handle, its own logged-in session behind one PKCS#11 thread, and listens on
+the same port (SO_REUSEPORT). They share state only through the database.
+
+The supervisor logs into the issuer token itself to check the key and issue the server's TLS
+certificate (renewed at two thirds of its life, handed to workers over their control pipes),
+forwards SIGHUP as a reload, turns SIGTERM into a graceful drain, and restarts a worker that dies.
+Secrets (the PIN, the TLS key) reach workers over those pipes, never in arguments or files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from appliance.api.app import ApiState, create_app
+from appliance.api.tls import issue_server_certificate, load_chain, server_context
+from appliance.config import CaConfig, load_config
+from appliance.errors import ApplianceError, ConfigError
+from appliance.logs import configure_logging
+from appliance.runtime import Runtime, open_runtime
+
+log = structlog.get_logger("appliance.server")
+
+READY_TIMEOUT = 120.0
+DRAIN_SECONDS = 30.0
+TOKEN_PURGE_INTERVAL = 600.0
+Conn = multiprocessing.connection.Connection
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: Path
+    pidfile: Path | None = None
+    resolver: str | None = None
+    workers: int | None = None
+
+
+# -- worker -------------------------------------------------------------------------------------
+def worker_main(index: int, config_path: str, log_format: str, control: Conn) -> None:
+    """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
+    configure_logging(log_format)
+    structlog.contextvars.bind_contextvars(worker=index)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    try:
+        code = asyncio.run(_worker(index, Path(config_path), control))
+    except ApplianceError as e:
+        with contextlib.suppress(OSError):
+            control.send(("error", e.message))
+        code = 1
+    except Exception as e:  # noqa: BLE001 - report to the supervisor without internals
+        log.exception("worker_failed")
+        with contextlib.suppress(OSError):
+            control.send(("error", f"worker failed: {type(e).__name__}"))
+        code = 1
+    os._exit(code)
+
+
+async def _worker(index: int, config_path: Path, control: Conn) -> int:
+    loop = asyncio.get_running_loop()
+    kind, pin, chain, key_pem = control.recv()
+    assert kind == "start"
+    runtime = await open_runtime(config_path, pin)
+    del pin
+    ssl_context = server_context(runtime.config.tls, chain, key_pem)
+    del key_pem
+    state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
+                     intermediates=[runtime.intermediate])
+    app = create_app(state)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = runtime.config.host_port()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True,
+                       backlog=1024, shutdown_timeout=DRAIN_SECONDS)
+    await site.start()
+
+    stop = asyncio.Event()
+
+    def on_control() -> None:
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            stop.set()  # the supervisor is gone: drain and leave
+            return
+        if message[0] == "reload":
+            _reload_worker(runtime, state)
+        elif message[0] == "tls":
+            load_chain(ssl_context, message[1], message[2])
+            log.info("tls_certificate_reloaded")
+        elif message[0] == "stop":
+            stop.set()
+
+    loop.add_reader(control.fileno(), on_control)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_worker, runtime, state)
+    purge = asyncio.create_task(_purge_tokens(runtime)) if index == 0 else None
+    control.send(("ready", os.getpid()))
+    await stop.wait()
+    loop.remove_reader(control.fileno())
+    if purge:
+        purge.cancel()
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish
+    await runtime.close()
+    return 0
+
+
+def _reload_worker(runtime: Runtime, state: ApiState) -> None:
+    try:
+        config = load_config(runtime.config_path)
+        runtime.authority.reload(config)
+    except ApplianceError as e:
+        log.error("reload_failed", reason=e.message)
+        return
+    if config.address != runtime.config.address or config.tls != runtime.config.tls:
+        log.warning("reload_needs_restart", reason="address and tls take effect on restart")
+    runtime.config = config
+    state.config = config
+    log.info("config_reloaded", provisioners=len(config.authority.provisioners))
+
+
+async def _purge_tokens(runtime: Runtime) -> None:
+    while True:
+        await asyncio.sleep(TOKEN_PURGE_INTERVAL)
+        with contextlib.suppress(ApplianceError):
+            await runtime.store.purge_expired_tokens(datetime.now(UTC))
+
+
+# -- supervisor ---------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    control: Conn
+    ready: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
+                                       .create_future())
+
+
+class Supervisor:
+    def __init__(self, options: ServeOptions, runtime: Runtime, issuer_pin: str) -> None:
+        self.options = options
+        self.runtime = runtime
+        self._pin = issuer_pin  # kept only to restart a worker that dies
+        self._mp = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._tls: tuple[bytes, bytes, datetime] | None = None
+        self._restarts: list[float] = []
+
+    @property
+    def config(self) -> CaConfig:
+        return self.runtime.config
+
+    def worker_count(self) -> int:
+        return self.options.workers or self.config.workers or os.cpu_count() or 1
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._tls = await issue_server_certificate(self.runtime.issuer, self.config.dns_names)
+        for i in range(self.worker_count()):
+            self._spawn(i)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(w.ready for w in self._workers.values())), READY_TIMEOUT)
+        except (TimeoutError, ApplianceError) as e:
+            reason = e.message if isinstance(e, ApplianceError) else "workers did not start"
+            log.error("start_failed", reason=reason)
+            await self._shutdown()
+            raise ApplianceError(f"cannot serve: {reason}") from None
+        for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+                             (signal.SIGHUP, self.reload)):
+            loop.add_signal_handler(sig, handler)
+        if self.options.pidfile:
+            write_pidfile(self.options.pidfile)
+        host, port = self.config.host_port()
+        log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}", address=f"{host}:"
+                 f"{port}", workers=len(self._workers), pid=os.getpid())
+        renew = asyncio.create_task(self._renew_tls())
+        await self._stop.wait()
+        renew.cancel()
+        log.info("stopping", reason="signal")
+        await self._shutdown()
+        return 0
+
+    def _spawn(self, index: int) -> None:
+        assert self._tls is not None
+        parent, child = self._mp.Pipe()
+        process = self._mp.Process(
+            target=worker_main, name=f"appliance-worker-{index}",
+            args=(index, str(self.options.config_path), self.config.logger.format, child))
+        process.start()
+        child.close()
+        worker = _Worker(index, process, parent)
+        self._workers[index] = worker
+        parent.send(("start", self._pin, self._tls[0], self._tls[1]))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._on_message, worker)
+        loop.add_reader(process.sentinel, self._on_exit, worker)
+
+    def _on_message(self, worker: _Worker) -> None:
+        try:
+            message: Any = worker.control.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.control.fileno())
+            return
+        if message[0] == "ready" and not worker.ready.done():
+            worker.ready.set_result(message[1])
+        elif message[0] == "error" and not worker.ready.done():
+            worker.ready.set_exception(ApplianceError(message[1]))
+
+    def _on_exit(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.process.sentinel)
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(worker.control.fileno())
+        worker.process.join(0)
+        if not worker.ready.done():
+            worker.ready.set_exception(ApplianceError(
+                f"worker {worker.index} exited during start (code {worker.process.exitcode})"))
+            return
+        if self._stopping or self._workers.get(worker.index) is not worker:
+            return
+        log.error("worker_died", worker=worker.index, code=worker.process.exitcode)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+        if len(self._restarts) > 5:
+            log.error("too_many_worker_restarts")
+            self._stop.set()
+            return
+        self._spawn(worker.index)
+
+    def reload(self) -> None:
+        """SIGHUP: validate ca.json here first; an invalid file keeps the old one running."""
+        try:
+            config = load_config(self.options.config_path)
+            self.runtime.authority.reload(config)
+        except ApplianceError as e:
+            log.error("reload_refused", reason=e.message)
+            return
+        self.runtime.config = config
+        for w in self._workers.values():
+            with contextlib.suppress(OSError):
+                w.control.send(("reload",))
+        log.info("reload_forwarded", workers=len(self._workers))
+
+    async def _renew_tls(self) -> None:
+        """Renew the server certificate at two thirds of its life; retry a minute after a fault."""
+        while True:
+            assert self._tls is not None
+            lifetime = 24 * 3600.0
+            remaining = (self._tls[2] - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(remaining - lifetime / 3, 1.0))
+            try:
+                self._tls = await issue_server_certificate(self.runtime.issuer,
+                                                           self.config.dns_names)
+            except ApplianceError as e:
+                log.error("tls_renewal_failed", reason=e.message)
+                await asyncio.sleep(60)
+                continue
+            for w in self._workers.values():
+                with contextlib.suppress(OSError):
+                    w.control.send(("tls", self._tls[0], self._tls[1]))
+            log.info("tls_certificate_renewed", not_after=self._tls[2].isoformat())
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        for w in self._workers.values():
+            if w.process.is_alive() and w.process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + DRAIN_SECONDS + 5
+        for w in self._workers.values():
+            while w.process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if w.process.is_alive():
+                w.process.kill()
+            w.process.join(1)
+        if self.options.pidfile:
+            with contextlib.suppress(FileNotFoundError):
+                self.options.pidfile.unlink()
+
+
+def write_pidfile(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+async def _serve(options: ServeOptions, issuer_pin: str) -> int:
+    runtime = await open_runtime(options.config_path, issuer_pin)
+    try:
+        return await Supervisor(options, runtime, issuer_pin).run()
+    finally:
+        await runtime.close()
+
+
+def run_server(options: ServeOptions, issuer_pin: str) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code."""
+    try:
+        config = load_config(options.config_path)
+    except ConfigError:
+        raise
+    configure_logging(config.logger.format)
+    if options.resolver:
+        host, _, port = options.resolver.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--resolver {options.resolver!r} must be host:port")
+    return asyncio.run(_serve(options, issuer_pin))

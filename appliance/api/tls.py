@@ -1,0 +1,70 @@
+"""The server's own TLS: a certificate from its intermediate, loaded from memory, never a file."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from appliance.config import CIPHER_SUITES, TlsConfig
+from appliance.issuance.issuer import IssuanceRequest, Issuer
+from appliance.issuance.names import parse_san
+
+TLS_LIFETIME = timedelta(hours=24)
+TLS_PROVISIONER = "appliance-tls"
+_VERSIONS = {1.2: ssl.TLSVersion.TLSv1_2, 1.3: ssl.TLSVersion.TLSv1_3}
+
+
+async def issue_server_certificate(issuer: Issuer, dns_names: list[str]
+                                   ) -> tuple[bytes, bytes, datetime]:
+    """A fresh key and a 24-hour certificate for the configured names: (chain PEM, key PEM, end)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC).replace(microsecond=0)
+    issued = await issuer.issue(IssuanceRequest(
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]),
+        sans=tuple(parse_san(n) for n in dns_names),
+        public_key=key.public_key(),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + TLS_LIFETIME,
+        provisioner=TLS_PROVISIONER,
+        ext_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    ))
+    chain = "".join(issued.pem_chain()).encode()
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return chain, key_pem, issued.certificate.not_valid_after_utc
+
+
+def _memfile(data: bytes) -> int:
+    fd = os.memfd_create("appliance-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Load (or replace, for later handshakes) the server certificate without touching disk."""
+    chain_fd, key_fd = _memfile(chain_pem), _memfile(key_pem)
+    try:
+        context.load_cert_chain(f"/proc/self/fd/{chain_fd}", f"/proc/self/fd/{key_fd}")
+    finally:
+        os.close(chain_fd)
+        os.close(key_fd)
+
+
+def server_context(tls: TlsConfig, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """TLS 1.2+ with step-ca's cipher suites, no renegotiation, no compression."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _VERSIONS[tls.min_version]
+    context.maximum_version = _VERSIONS[tls.max_version]
+    context.set_ciphers(":".join(CIPHER_SUITES[s] for s in tls.cipher_suites))
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not tls.renegotiation:
+        context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    load_chain(context, chain_pem, key_pem)
+    return context

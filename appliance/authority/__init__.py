@@ -1,0 +1,1 @@
+"""Who may get what: provisioners, claims, CSR and key policy."""

@@ -1,0 +1,172 @@
+"""The authority: authenticate a request through its provisioner, apply claims and name checks,
+and hand a typed IssuanceRequest to the issuer. Every path to a certificate passes here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+import structlog
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from appliance.authority.claims import Claims
+from appliance.authority.csr import parse_csr_pem
+from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
+from appliance.config import CaConfig
+from appliance.durations import parse_duration
+from appliance.errors import BadRequest, Forbidden, Unauthorized
+from appliance.issuance.ca_certs import fingerprint
+from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer
+from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
+from appliance.storage import TokenUse
+
+log = structlog.get_logger("appliance.authority")
+
+REFUSED_ALGS = {"none", "HS256", "HS384", "HS512"}
+MAX_CN_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    """The body of POST /sign, type-checked but not yet trusted."""
+
+    untrusted_csr: str
+    untrusted_ott: str
+    untrusted_not_before: str | None = None
+    untrusted_not_after: str | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> SignRequest:
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        csr, ott = body.get("csr"), body.get("ott")
+        if not isinstance(csr, str) or not csr:
+            raise BadRequest("missing csr: a PEM certificate request is required")
+        if not isinstance(ott, str) or not ott:
+            raise BadRequest("missing ott: a one-time token is required")
+        nb, na = body.get("notBefore"), body.get("notAfter")
+        for field, v in (("notBefore", nb), ("notAfter", na)):
+            if v is not None and not isinstance(v, str):
+                raise BadRequest(f"{field} must be an RFC 3339 time or a duration string")
+        return cls(csr, ott, nb or None, na or None)
+
+
+def parse_time_or_duration(untrusted: str, field: str, now: datetime) -> datetime:
+    """step's TimeDuration: an RFC 3339 time, or a duration from now such as "1h" or "+90m"."""
+    value = untrusted.strip()
+    try:
+        return now + parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{field} {untrusted!r} is neither an RFC 3339 time nor a duration"
+                         ) from None
+    if parsed.tzinfo is None:
+        raise BadRequest(f"{field} must carry a time zone (e.g. Z)")
+    return parsed.astimezone(UTC)
+
+
+def audiences_for(config: CaConfig, path: str) -> list[str]:
+    """Every URL a token for `path` may name: each DNS name with the port, and without on 443."""
+    _, port = config.host_port()
+    out: list[str] = []
+    for name in config.dns_names:
+        host = f"[{name}]" if ":" in name else name
+        bases = [f"https://{host}:{port}"] + ([f"https://{host}"] if port == 443 else [])
+        for base in bases:
+            out += [f"{base}/1.0{path}", f"{base}{path}"]
+    return out
+
+
+class Authority:
+    def __init__(
+        self, config: CaConfig, issuer: Issuer, root: x509.Certificate,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuer = issuer
+        self.root = root
+        self.root_fingerprint = fingerprint(root)
+        self._clock = clock
+        self.reload(config)
+
+    def reload(self, config: CaConfig) -> None:
+        """Swap in a new validated configuration (provisioners, claims, audiences)."""
+        global_claims = Claims().merged(config.authority.claims)
+        provisioners = [JwkProvisioner(p, global_claims.merged(p.claims))
+                        for p in config.authority.provisioners]
+        self.config = config
+        self.claims = global_claims
+        self.backdate = parse_duration(config.authority.backdate)
+        self.provisioners = provisioners
+        self._by_kid = {p.kid: p for p in provisioners}
+        self.sign_audiences = audiences_for(config, "/sign")
+
+    def provisioner_for_token(self, untrusted_ott: str) -> JwkProvisioner:
+        if len(untrusted_ott) > MAX_TOKEN_BYTES:
+            raise BadRequest(f"token is larger than {MAX_TOKEN_BYTES} bytes")
+        try:
+            header = jwt.get_unverified_header(untrusted_ott)
+            unverified = jwt.decode(untrusted_ott, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            raise Unauthorized("token is malformed: expected a signed JWT") from None
+        alg = str(header.get("alg"))
+        if alg in REFUSED_ALGS or alg.lower() == "none":
+            raise Unauthorized(f"token algorithm {alg!r} is not allowed")
+        provisioner = self._by_kid.get(str(header.get("kid")))
+        if provisioner is None or unverified.get("iss") != provisioner.name:
+            raise Unauthorized("token is not from a known provisioner (check iss and kid)")
+        return provisioner
+
+    async def sign(self, request: SignRequest) -> tuple[IssuedCertificate, str]:
+        """Authorise and issue; return the certificate and the provisioner's name."""
+        provisioner = self.provisioner_for_token(request.untrusted_ott)
+        token = provisioner.verify_token(request.untrusted_ott, self.sign_audiences,
+                                         self.root_fingerprint, now=self._clock())
+        csr = parse_csr_pem(request.untrusted_csr)
+
+        if len(token.subject) > MAX_CN_LENGTH:
+            raise BadRequest(f"subject is longer than {MAX_CN_LENGTH} characters")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if cns and cns[0].value != token.subject:
+            raise Forbidden(f"certificate request common name {cns[0].value!r} does not match "
+                            f"the token subject {token.subject!r}")
+        token_sans = [parse_san(s) for s in token.sans]
+        allowed = {canonical_san(n) for n in token_sans}
+        for name in sans_of(csr):
+            if canonical_san(name) not in allowed:
+                raise Forbidden(f"certificate request name {san_to_text(name)!r} is not among "
+                                f"the token's names {list(token.sans)}")
+
+        now = datetime.fromtimestamp(self._clock(), UTC).replace(microsecond=0)
+        not_before = (parse_time_or_duration(request.untrusted_not_before, "notBefore", now)
+                      if request.untrusted_not_before else now)
+        not_after = (parse_time_or_duration(request.untrusted_not_after, "notAfter", not_before)
+                     if request.untrusted_not_after
+                     else not_before + provisioner.claims.default_duration)
+        if not_after <= not_before:
+            raise BadRequest("notAfter must be after notBefore")
+        provisioner.claims.check_duration(not_after - not_before)
+        if not request.untrusted_not_before:
+            not_before -= self.backdate  # absorb clock skew of relying parties
+        if not_after > self.issuer.certificate.not_valid_after_utc:
+            raise BadRequest("requested notAfter is after the intermediate certificate expires")
+        if not_before < now - timedelta(days=1) and request.untrusted_not_before:
+            raise BadRequest("notBefore may not be more than a day in the past")
+
+        issued = await self.issuer.issue(IssuanceRequest(
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.subject)]),
+            sans=tuple(token_sans),
+            public_key=csr.public_key(),  # type: ignore[arg-type]
+            not_before=not_before,
+            not_after=not_after,
+            provisioner=provisioner.name,
+            token_use=TokenUse(provisioner.name, token.jti, token.expires_at),
+        ))
+        return issued, provisioner.name

@@ -1,0 +1,1 @@
+"""Provisioners: each authenticates a request and returns what it may be issued."""

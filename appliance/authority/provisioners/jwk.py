@@ -1,0 +1,142 @@
+"""The JWK provisioner: one-time tokens (JWTs) signed by the provisioner's key.
+
+Claims: iss (provisioner name), sub (subject), aud (https://<ca>/1.0/sign), nbf/iat/exp, jti,
+sha (root fingerprint), sans. Verified here: signature with the provisioner's one algorithm
+(never `none` or HMAC), iss + kid, audience, times with a minute of leeway, lifetime at most an
+hour. Single use of jti is enforced by the store, atomically with the issuance it authorises.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from appliance.authority.claims import Claims
+from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
+from appliance.config import JwkProvisionerConfig
+from appliance.errors import BadRequest, Unauthorized
+
+LEEWAY_SECONDS = 60
+DEFAULT_TOKEN_LIFETIME = 300
+MAX_TOKEN_LIFETIME = 3600
+MAX_TOKEN_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """What a verified one-time token grants."""
+
+    provisioner: str
+    subject: str
+    sans: tuple[str, ...]
+    jti: str
+    expires_at: datetime
+
+
+class JwkProvisioner:
+    type = "JWK"
+
+    def __init__(self, config: JwkProvisionerConfig, claims: Claims) -> None:
+        self.config = config
+        self.name = config.name
+        self.kid = str(config.key["kid"])
+        self.claims = claims
+        self.alg = jwk_alg(config.key)
+        self._key = jwt.PyJWK(dict(config.key), algorithm=self.alg)
+
+    def verify_token(
+        self, untrusted_token: str, audiences: list[str], root_fingerprint: str,
+        now: float | None = None,
+    ) -> TokenClaims:
+        """Check a token the authority has routed here by its iss and kid."""
+        header = jwt.get_unverified_header(untrusted_token)
+        if header.get("alg") != self.alg:
+            raise Unauthorized(f"token algorithm {header.get('alg')!r} does not match the "
+                               f"provisioner key ({self.alg})")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                untrusted_token, key=self._key, algorithms=[self.alg], audience=audiences,
+                issuer=self.name, leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "iss", "aud", "sub", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token is not yet valid (nbf or iat is in the future)") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized(f"token audience is not this CA; expected one of {audiences[:2]}"
+                               ) from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("token issuer does not match the provisioner") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise Unauthorized(f"token is missing the {e.claim!r} claim") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("token signature is invalid") from None
+        except jwt.InvalidTokenError as e:
+            raise Unauthorized(f"token is invalid: {e}") from None
+        now = time.time() if now is None else now
+        start = claims.get("nbf", claims.get("iat"))
+        if not isinstance(start, int | float):
+            raise Unauthorized("token needs an nbf or iat claim")
+        if float(claims["exp"]) - float(start) > MAX_TOKEN_LIFETIME + LEEWAY_SECONDS:
+            raise Unauthorized("token lifetime is longer than the allowed hour")
+        sha = claims.get("sha")
+        if sha is not None and str(sha).lower().replace(":", "") != root_fingerprint:
+            raise Unauthorized("token sha claim is not this CA's root fingerprint")
+        subject = claims["sub"]
+        jti = claims["jti"]
+        if not isinstance(subject, str) or not subject:
+            raise Unauthorized("token subject must be a non-empty string")
+        if not isinstance(jti, str) or not 8 <= len(jti) <= 256:
+            raise Unauthorized("token jti must be a string of 8 to 256 characters")
+        raw_sans = claims.get("sans", [subject])
+        if not isinstance(raw_sans, list) or not all(isinstance(s, str) for s in raw_sans):
+            raise BadRequest("token sans must be a list of strings")
+        return TokenClaims(
+            provisioner=self.name, subject=subject, sans=tuple(raw_sans), jti=jti,
+            expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC))
+
+    def public_json(self) -> dict[str, Any]:
+        return self.config.model_dump(by_alias=True, exclude_none=True)
+
+
+@dataclass(frozen=True)
+class TokenSigner:
+    """Mints one-time tokens with a decrypted provisioner key, as `applianctl token` does."""
+
+    key: PrivateKeyTypes
+    kid: str
+    alg: str
+    issuer: str
+
+    @classmethod
+    def for_key(cls, key: PrivateKeyTypes, issuer: str) -> TokenSigner:
+        public = public_jwk(key)
+        return cls(key=key, kid=public["kid"], alg=public["alg"], issuer=issuer)
+
+    def mint(
+        self,
+        subject: str,
+        audience: str,
+        *,
+        sans: list[str] | None = None,
+        root_fingerprint: str | None = None,
+        lifetime: int = DEFAULT_TOKEN_LIFETIME,
+        now: float | None = None,
+    ) -> str:
+        now = time.time() if now is None else now
+        payload: dict[str, Any] = {
+            "iss": self.issuer, "sub": subject, "aud": audience, "nbf": int(now),
+            "iat": int(now), "exp": int(now) + lifetime, "jti": secrets.token_hex(32),
+            "sans": sans if sans is not None else [subject],
+        }
+        if root_fingerprint:
+            payload["sha"] = root_fingerprint
+        return jwt.encode(payload, self.key, algorithm=self.alg,  # type: ignore[arg-type]
+                          headers={"kid": self.kid, "typ": "JWT"})

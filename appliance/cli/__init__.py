@@ -1,0 +1,1 @@
+"""applianctl: the administration and client command line."""

@@ -1,0 +1,303 @@
+"""ca.json: schema, load, validation (fail fast with the field that is wrong), atomic write.
+
+The keys follow step-ca's ca.json where step-ca has them (root, crt, key, kms, address, dnsNames,
+db, authority.provisioners, authority.claims, tls); `rootKey` and `workers` are ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from appliance.durations import parse_duration
+from appliance.errors import ConfigError
+
+DEFAULT_HOME_ENV = "APPLIANCE_HOME"
+
+# step-ca's default cipher suites (Go names) and their OpenSSL spellings. TLS 1.3 suites are fixed.
+CIPHER_SUITES = {
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+}
+DEFAULT_CIPHER_SUITES = list(CIPHER_SUITES)
+
+
+def default_home() -> Path:
+    """The CA home: $APPLIANCE_HOME, else ~/.appliance."""
+    env = os.environ.get(DEFAULT_HOME_ENV)
+    return Path(env) if env else Path.home() / ".appliance"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+
+def _check_duration(value: str | None) -> str | None:
+    if value is not None:
+        if parse_duration(value) <= timedelta(0):
+            raise ValueError(f"duration {value!r} must be positive")
+    return value
+
+
+class ClaimsConfig(_Model):
+    min_tls_cert_duration: str | None = Field(None, alias="minTLSCertDuration")
+    max_tls_cert_duration: str | None = Field(None, alias="maxTLSCertDuration")
+    default_tls_cert_duration: str | None = Field(None, alias="defaultTLSCertDuration")
+    disable_renewal: bool | None = Field(None, alias="disableRenewal")
+    allow_renewal_after_expiry: bool | None = Field(None, alias="allowRenewalAfterExpiry")
+
+    _dur = field_validator(
+        "min_tls_cert_duration", "max_tls_cert_duration", "default_tls_cert_duration"
+    )(_check_duration)
+
+
+class JwkProvisionerConfig(_Model):
+    type: Literal["JWK"]
+    name: str = Field(min_length=1, max_length=128)
+    key: dict[str, Any]
+    encrypted_key: str | None = Field(None, alias="encryptedKey")
+    claims: ClaimsConfig | None = None
+    options: dict[str, Any] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _public_only(cls, key: dict[str, Any]) -> dict[str, Any]:
+        if "d" in key or "p" in key:
+            raise ValueError("the provisioner key in ca.json must be a public JWK (no private part)")
+        if key.get("kty") not in ("EC", "RSA", "OKP"):
+            raise ValueError("the provisioner key must be an EC, RSA or OKP JWK")
+        if not key.get("kid"):
+            raise ValueError("the provisioner key needs a kid (its RFC 7638 thumbprint)")
+        return key
+
+
+ProvisionerConfig = JwkProvisionerConfig
+
+
+class AuthorityConfig(_Model):
+    provisioners: list[ProvisionerConfig] = Field(default_factory=list)
+    claims: ClaimsConfig | None = None
+    backdate: str = "1m"
+
+    @field_validator("backdate")
+    @classmethod
+    def _backdate(cls, value: str) -> str:
+        if parse_duration(value) < timedelta(0):
+            raise ValueError("backdate must not be negative")
+        return value
+
+    @field_validator("provisioners", mode="before")
+    @classmethod
+    def _known_types(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, p in enumerate(value):
+                if isinstance(p, dict) and p.get("type") not in ("JWK",):
+                    raise ValueError(f"provisioner {i}: unsupported type {p.get('type')!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthorityConfig:
+        names = [p.name for p in self.provisioners]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"provisioner names must be unique: {sorted(dup)}")
+        kids = [p.key["kid"] for p in self.provisioners]
+        if len(set(kids)) != len(kids):
+            raise ValueError("two provisioners share one key id")
+        return self
+
+
+class KmsConfig(_Model):
+    type: Literal["pkcs11"] = "pkcs11"
+    uri: str
+    softhsm_conf: str | None = Field(None, alias="softhsmConf")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value.startswith("pkcs11:"):
+            raise ValueError("kms.uri must be a pkcs11: URI")
+        if "pin-value" in value:
+            raise ValueError("a PIN does not belong in ca.json; use --issuer-password-file")
+        return value
+
+
+class DbConfig(_Model):
+    type: Literal["sqlite"] = "sqlite"
+    data_source: str = Field(alias="dataSource")
+
+
+class LoggerConfig(_Model):
+    format: Literal["json", "text"] = "json"
+
+
+class TlsConfig(_Model):
+    min_version: float = Field(1.2, alias="minVersion")
+    max_version: float = Field(1.3, alias="maxVersion")
+    cipher_suites: list[str] = Field(default_factory=lambda: list(DEFAULT_CIPHER_SUITES),
+                                     alias="cipherSuites")
+    renegotiation: bool = False
+
+    @field_validator("min_version", "max_version")
+    @classmethod
+    def _version(cls, value: float) -> float:
+        if value not in (1.2, 1.3):
+            raise ValueError("TLS versions 1.2 and 1.3 are supported")
+        return value
+
+    @field_validator("cipher_suites")
+    @classmethod
+    def _suites(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in CIPHER_SUITES]
+        if unknown:
+            raise ValueError(f"unsupported cipher suites {unknown}; known: {sorted(CIPHER_SUITES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> TlsConfig:
+        if self.min_version > self.max_version:
+            raise ValueError("tls.minVersion is above tls.maxVersion")
+        return self
+
+
+class CaConfig(_Model):
+    root: str
+    crt: str
+    key: str
+    root_key: str | None = Field(None, alias="rootKey")
+    kms: KmsConfig
+    address: str = "127.0.0.1:9000"
+    dns_names: list[str] = Field(alias="dnsNames", min_length=1)
+    db: DbConfig
+    logger: LoggerConfig = Field(default_factory=LoggerConfig)
+    authority: AuthorityConfig = Field(default_factory=AuthorityConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    workers: int = Field(0, ge=0, le=64)
+    max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address {value!r} must be host:port")
+        return value
+
+    @field_validator("key", "root_key")
+    @classmethod
+    def _key_uri(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("pkcs11:"):
+            raise ValueError("CA keys live in the token: give a pkcs11: URI")
+        return value
+
+    # Derived helpers; paths in ca.json may be relative to the CA home.
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - operator's choice
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def resolve_path(home: Path, value: str) -> Path:
+    """Paths in ca.json are absolute or relative to the CA home."""
+    p = Path(value)
+    return p if p.is_absolute() else home / p
+
+
+def home_of(config_path: Path) -> Path:
+    """The CA home of a ca.json at <home>/config/ca.json."""
+    config_path = config_path.resolve()
+    if config_path.parent.name == "config":
+        return config_path.parent.parent
+    return config_path.parent
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "ca.json") -> CaConfig:
+    """Validate a decoded ca.json document."""
+    try:
+        return CaConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source} is invalid: {_describe(e)}") from None
+
+
+def load_config(path: Path) -> CaConfig:
+    """Load and validate ca.json; raise ConfigError naming the problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist (run 'applianctl init' first)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    return parse_config(data, str(path))
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    """Write JSON so that a reader sees the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_config(path: Path, config: CaConfig) -> None:
+    write_json_atomic(path, config.to_json())
+
+
+@dataclass(frozen=True)
+class Defaults:
+    ca_url: str
+    fingerprint: str
+    root: Path
+
+    @classmethod
+    def load(cls, home: Path | None = None) -> Defaults | None:
+        path = (home or default_home()) / "config" / "defaults.json"
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["ca-url"], data["fingerprint"], Path(data["root"]))
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+
+    def write(self, home: Path) -> None:
+        write_json_atomic(home / "config" / "defaults.json",
+                          {"ca-url": self.ca_url, "fingerprint": self.fingerprint,
+                           "root": str(self.root)}, mode=0o644)

@@ -1,0 +1,69 @@
+"""Typed errors of the appliance: each carries the HTTP status a client should see.
+
+Problem documents and JSON error bodies are built from these only at the web edge; the message
+is written for the requester and never holds a secret, a stack trace or a PKCS#11 return code.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance reports to a client or an operator."""
+
+    status = 500
+    acme_type = "serverInternal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApplianceError):
+    status = 400
+    acme_type = "malformed"
+
+
+class BadCsr(BadRequest):
+    acme_type = "badCSR"
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+    acme_type = "unauthorized"
+
+
+class Forbidden(ApplianceError):
+    status = 403
+    acme_type = "unauthorized"
+
+
+class PolicyViolation(Forbidden):
+    acme_type = "rejectedIdentifier"
+
+
+class NotFound(ApplianceError):
+    status = 404
+    acme_type = "malformed"
+
+
+class Conflict(ApplianceError):
+    status = 409
+    acme_type = "malformed"
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+    acme_type = "malformed"
+
+
+class Unavailable(ApplianceError):
+    status = 503
+    acme_type = "serverInternal"
+
+
+class ConfigError(ApplianceError):
+    """ca.json (or another configuration input) is invalid; the message names the field."""
+
+
+class StorageError(ApplianceError):
+    """The database could not record or read something."""

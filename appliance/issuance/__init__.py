@@ -1,0 +1,1 @@
+"""How a certificate is made: request -> intent recorded -> token signature -> record -> return."""

@@ -1,0 +1,155 @@
+"""`applianctl init`: create the tokens (embedded SoftHSM2), the CA keys in them, the CA
+certificates, the first JWK provisioner and the CA home's files."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.authority.provisioners.jwk_keys import (
+    encrypt_private_key,
+    generate_key,
+    public_jwk,
+)
+from appliance.config import (
+    AuthorityConfig,
+    CaConfig,
+    DbConfig,
+    Defaults,
+    JwkProvisionerConfig,
+    KmsConfig,
+    write_config,
+)
+from appliance.errors import ConfigError
+from appliance.issuance.ca_certs import build_intermediate, build_root, fingerprint, pem
+from hsm.keystore import KeySpec
+from hsm.pkcs11_store import Pkcs11KeyStore
+from hsm.softhsm import find_softhsm_module, init_token, token_exists, write_softhsm_conf
+from hsm.uri import Pkcs11Uri
+
+ROOT_KEY_LABEL = "root-ca"
+INTERMEDIATE_KEY_LABEL = "intermediate-ca"
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    home: Path
+    name: str
+    dns_names: tuple[str, ...]
+    address: str
+    provisioner: str
+    root_pin: str
+    issuer_pin: str
+    provisioner_password: bytes
+    key_spec: KeySpec
+    module_path: str
+    root_token: str
+    issuer_token: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config_path: Path
+    root_fingerprint: str
+    root_path: Path
+    intermediate_path: Path
+    defaults_path: Path
+
+
+def is_softhsm(module_path: str) -> bool:
+    return "softhsm" in os.path.basename(module_path).lower()
+
+
+def _prepare_softhsm(opts: InitOptions) -> Path:
+    """Embedded default: a token directory under the home, tokens created when missing."""
+    hsm_dir = opts.home / "hsm"
+    if opts.force and (hsm_dir / "tokens").exists():
+        shutil.rmtree(hsm_dir / "tokens")
+    conf = write_softhsm_conf(hsm_dir)
+    for label, pin in ((opts.root_token, opts.root_pin), (opts.issuer_token, opts.issuer_pin)):
+        if not token_exists(opts.module_path, label, conf):
+            # The SO PIN only re-initialises a user PIN; SoftHSM2 never locks the user PIN, so a
+            # random SO PIN that nobody keeps removes a second way into the token.
+            init_token(opts.module_path, label, secrets.token_urlsafe(24), pin, conf=conf)
+    return conf
+
+
+def _replace_key(store: Pkcs11KeyStore, label: str, force: bool) -> None:
+    from hsm.errors import KeyNotFound
+
+    while True:
+        try:
+            ref = store.find(label=label)
+        except KeyNotFound:
+            return
+        if not force:
+            raise ConfigError(f"token {store.token_label} already holds a key labelled {label}; "
+                              "use --force to replace it")
+        store.destroy(ref)
+
+
+def initialise(opts: InitOptions) -> InitResult:
+    config_path = opts.home / "config" / "ca.json"
+    if config_path.exists() and not opts.force:
+        raise ConfigError(f"a CA already exists at {opts.home}; use --force to replace it")
+    if opts.module_path == find_softhsm_module() or is_softhsm(opts.module_path):
+        conf: Path | None = _prepare_softhsm(opts)
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+    else:
+        conf = None
+
+    certs = opts.home / "certs"
+    for d in (opts.home, opts.home / "config", opts.home / "db", certs):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(opts.home, 0o700)
+
+    with Pkcs11KeyStore.open(opts.module_path, opts.root_token, opts.root_pin) as root_store, \
+            Pkcs11KeyStore.open(opts.module_path, opts.issuer_token, opts.issuer_pin) as issuer:
+        _replace_key(root_store, ROOT_KEY_LABEL, opts.force)
+        _replace_key(issuer, INTERMEDIATE_KEY_LABEL, opts.force)
+        root_ref = root_store.generate(opts.key_spec, ROOT_KEY_LABEL)
+        inter_ref = issuer.generate(opts.key_spec, INTERMEDIATE_KEY_LABEL)
+        root_store.check_protected(root_ref)
+        issuer.check_protected(inter_ref)
+        root_key = root_store.private_key(root_ref)
+        root_cert = root_store.run(build_root, opts.name, root_key)
+        inter_cert = root_store.run(build_intermediate, opts.name, issuer.public_key(inter_ref),
+                                    root_cert, root_key)
+        del root_key
+
+    root_path = certs / "root_ca.crt"
+    inter_path = certs / "intermediate_ca.crt"
+    for path, cert in ((root_path, root_cert), (inter_path, inter_cert)):
+        path.write_text(pem(cert))
+        os.chmod(path, 0o644)
+
+    prov_key = generate_key("EC", "P-256")
+    provisioner = JwkProvisionerConfig(
+        type="JWK", name=opts.provisioner, key=public_jwk(prov_key),
+        encryptedKey=encrypt_private_key(prov_key, opts.provisioner_password))
+    del prov_key
+
+    module_uri = Pkcs11Uri(token=opts.issuer_token, module_path=opts.module_path).format()
+    config = CaConfig(
+        root=str(root_path), crt=str(inter_path),
+        key=inter_ref.to_uri(), rootKey=root_ref.to_uri(),
+        kms=KmsConfig(type="pkcs11", uri=module_uri,
+                      softhsmConf=str(conf) if conf else None),
+        address=opts.address, dnsNames=list(opts.dns_names),
+        db=DbConfig(type="sqlite", dataSource=str(opts.home / "db" / "appliance.db")),
+        authority=AuthorityConfig(provisioners=[provisioner]),
+    )
+    write_config(config_path, config)
+
+    _, port = config.host_port()
+    host = opts.dns_names[0]
+    host = f"[{host}]" if ":" in host else host
+    defaults = Defaults(ca_url=f"https://{host}:{port}", fingerprint=fingerprint(root_cert),
+                        root=root_path)
+    defaults.write(opts.home)
+    return InitResult(config_path, fingerprint(root_cert), root_path, inter_path,
+                      opts.home / "config" / "defaults.json")

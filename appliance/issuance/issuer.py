@@ -1,0 +1,152 @@
+"""The one door to the signer: reserve the serial and record the intent, sign in the token, record.
+
+Boulder's rule: the serial and what is to be signed are durable before the HSM signs, so a crash
+never leaves a signed certificate the database does not know; the certificate is durable before
+the requester sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from appliance.errors import Unauthorized, Unavailable
+from appliance.issuance.names import san_to_text
+from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
+
+T = TypeVar("T")
+log = structlog.get_logger("appliance.issuance")
+
+# Runs a blocking callable on the thread that owns the token session.
+SigningRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class IssuanceRequest:
+    """A fully authorised description of a leaf certificate."""
+
+    subject: x509.Name
+    sans: tuple[x509.GeneralName, ...]
+    public_key: CertificatePublicKeyTypes
+    not_before: datetime
+    not_after: datetime
+    provisioner: str
+    token_use: TokenUse | None = None
+    ext_key_usage: tuple[x509.ObjectIdentifier, ...] = (
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    extra_extensions: tuple[x509.Extension[x509.ExtensionType], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+
+    def pem_chain(self) -> list[str]:
+        return [c.public_bytes(serialization.Encoding.PEM).decode()
+                for c in (self.certificate, *self.chain)]
+
+
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+    """The hash an issuer key signs with: SHA-384 for P-384, none for EdDSA, SHA-256 otherwise."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def leaf_key_usage(public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=rsa_key,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False)
+
+
+class Issuer:
+    """Issues leaves under one intermediate whose key lives in the token."""
+
+    def __init__(
+        self,
+        certificate: x509.Certificate,
+        chain: tuple[x509.Certificate, ...],
+        signing_key: CertificateIssuerPrivateKeyTypes,
+        run_signing: SigningRunner,
+        store: Store,
+    ) -> None:
+        self.certificate = certificate
+        self.chain = chain  # intermediate(s) up to, not including, the root
+        self._key = signing_key
+        self._hash = signature_hash(signing_key)
+        self._run_signing = run_signing
+        self._store = store
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            certificate.public_key())  # type: ignore[arg-type]
+
+    async def issue(self, request: IssuanceRequest) -> IssuedCertificate:
+        """Record, sign in the token, record again, return. Raise typed errors only."""
+        serial = x509.random_serial_number()
+        intent = CertificateIntent(
+            serial=serial,
+            subject=request.subject.rfc4514_string(),
+            sans=tuple(san_to_text(n) for n in request.sans),
+            not_before=request.not_before,
+            not_after=request.not_after,
+            provisioner=request.provisioner,
+            token_use=request.token_use,
+        )
+        try:
+            await self._store.reserve(intent)
+        except TokenReused:
+            raise Unauthorized("token already used: one-time tokens cannot be replayed") from None
+        try:
+            # Shielded: a client that drops mid-request must not abandon a signature halfway.
+            cert: x509.Certificate = await asyncio.shield(
+                self._run_signing(partial(self._build, request, serial)))
+        except Exception as e:
+            log.error("token_sign_failed", serial=format(serial, "x"), error=type(e).__name__)
+            await self._store.record_failure(serial)
+            raise Unavailable("the token could not sign the certificate; try again") from None
+        await self._store.record_certificate(serial, cert.public_bytes(serialization.Encoding.DER))
+        return IssuedCertificate(cert, self.chain)
+
+    def _build(self, request: IssuanceRequest, serial: int) -> x509.Certificate:
+        san_critical = len(request.subject) == 0
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(request.subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(request.public_key)
+            .serial_number(serial)
+            .not_valid_before(request.not_before)
+            .not_valid_after(request.not_after)
+            .add_extension(leaf_key_usage(request.public_key), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(list(request.ext_key_usage)), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key),
+                           critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        if request.sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(request.sans)),
+                                            critical=san_critical)
+        for ext in request.extra_extensions:
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+        return builder.sign(self._key, self._hash)  # type: ignore[arg-type]

@@ -1,0 +1,344 @@
+"""Embedded SQLite store: WAL, fsync on every commit, and group commit per process.
+
+Every issuance writes twice (intent before the signature, certificate after), and each write
+must be durable before the client hears of it. One writer thread per process takes whatever
+operations are queued, runs them in a single IMMEDIATE transaction (each in its own savepoint,
+so one failing operation does not undo its neighbours) and commits once: concurrent requests
+share one fsync, and the database write lock is held only for the length of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from appliance.errors import StorageError
+from appliance.storage import CertificateIntent, CertificateRecord, TokenReused
+
+T = TypeVar("T")
+
+metadata = MetaData()
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Integer, nullable=False),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(40), primary_key=True),  # lowercase hex, no leading zeros
+    Column("subject", Text, nullable=False),
+    Column("sans", Text, nullable=False),  # JSON list
+    Column("not_before", Integer, nullable=False),
+    Column("not_after", Integer, nullable=False),
+    Column("provisioner", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # intent | issued | failed
+    Column("token_id", Text),
+    Column("der", LargeBinary),
+    Column("created_at", Integer, nullable=False),
+    Column("issued_at", Integer),
+)
+
+used_tokens = Table(
+    "used_tokens",
+    metadata,
+    Column("provisioner", String(128), primary_key=True),
+    Column("jti", String(256), primary_key=True),
+    Column("expires_at", Integer, nullable=False),
+    Column("used_at", Integer, nullable=False),
+)
+
+# Ordered migrations from the first release on. Each is applied once, in one transaction.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE certificates (
+                serial VARCHAR(40) PRIMARY KEY,
+                subject TEXT NOT NULL,
+                sans TEXT NOT NULL,
+                not_before INTEGER NOT NULL,
+                not_after INTEGER NOT NULL,
+                provisioner VARCHAR(128) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                token_id TEXT,
+                der BLOB,
+                created_at INTEGER NOT NULL,
+                issued_at INTEGER)""",
+            "CREATE INDEX certificates_not_after ON certificates (not_after)",
+            """CREATE TABLE used_tokens (
+                provisioner VARCHAR(128) NOT NULL,
+                jti VARCHAR(256) NOT NULL,
+                expires_at INTEGER NOT NULL,
+                used_at INTEGER NOT NULL,
+                PRIMARY KEY (provisioner, jti))""",
+            "CREATE INDEX used_tokens_expires ON used_tokens (expires_at)",
+        ],
+    ),
+]
+
+MAX_BATCH = 256
+
+# Built once: constructing a statement per call costs more CPU than executing it.
+_INSERT_TOKEN = insert(used_tokens)
+_INSERT_INTENT = insert(certificates)
+_MARK_ISSUED = (
+    update(certificates)
+    .where(certificates.c.serial == bindparam("b_serial"))
+    .values(status="issued", der=bindparam("b_der"), issued_at=bindparam("b_now"))
+)
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _ts(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def _dt(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class _Op:
+    __slots__ = ("fn", "loop", "future")
+
+    def __init__(
+        self, fn: Callable[[Connection], Any], loop: asyncio.AbstractEventLoop | None,
+        future: asyncio.Future[Any] | None,
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SqliteStore:
+    """The embedded store. Open with `SqliteStore.open(path)`; close with `await close()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._engine = create_engine(
+            f"sqlite:///{path}",
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool,
+        )
+        event.listen(self._engine, "connect", self._on_connect)
+        event.listen(self._engine, "begin", self._on_begin)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteStore:
+        """Open (creating and migrating if needed) the database at `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = cls(path)
+        try:
+            store._migrate()
+        except OperationalError as e:
+            raise StorageError(f"cannot open the database {path}: {e.orig}") from None
+        store._thread.start()
+        return store
+
+    @staticmethod
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN IMMEDIATE instead of pysqlite's implicit BEGIN.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @staticmethod
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _migrate(self) -> None:
+        with self._engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+            done = {r[0] for r in conn.execute(select(schema_migrations.c.version))}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for sql in statements:
+                    conn.exec_driver_sql(sql)
+                conn.execute(insert(schema_migrations).values(version=version,
+                                                               applied_at=int(time.time())))
+
+    def schema_version(self) -> int:
+        with self._engine.connect() as conn:
+            v = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
+            conn.rollback()
+        return int(v or 0)
+
+    # -- the writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            with self._engine.begin() as conn:
+                for op in batch:
+                    nested = conn.begin_nested()
+                    try:
+                        results.append((op.fn(conn), None))
+                        nested.commit()
+                    except Exception as e:  # noqa: BLE001 - handed to the waiting caller
+                        nested.rollback()
+                        results.append((None, e))
+        except Exception as e:  # noqa: BLE001 - the commit itself failed: nothing is durable
+            err = StorageError(f"the database could not commit: {type(e).__name__}")
+            results = [(None, err)] * len(batch)
+        for op, (result, error) in zip(batch, results, strict=True):
+            if op.future is not None and op.loop is not None:
+                op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+
+    async def _submit(self, fn: Callable[[Connection], T]) -> T:
+        if self._closed:
+            raise StorageError("the database is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, loop, future))
+        # A dropped client must not cancel a write halfway: the op runs regardless.
+        return await asyncio.shield(future)
+
+    # -- operations --------------------------------------------------------------------------
+    async def reserve(self, intent: CertificateIntent) -> None:
+        now = int(time.time())
+
+        def op(conn: Connection) -> None:
+            token_id = None
+            if intent.token_use is not None:
+                tu = intent.token_use
+                try:
+                    conn.execute(_INSERT_TOKEN, {
+                        "provisioner": tu.provisioner, "jti": tu.jti,
+                        "expires_at": _ts(tu.expires_at), "used_at": now})
+                except IntegrityError:
+                    raise TokenReused(tu.jti) from None
+                token_id = f"{tu.provisioner}/{tu.jti}"
+            conn.execute(_INSERT_INTENT, {
+                "serial": serial_hex(intent.serial), "subject": intent.subject,
+                "sans": json.dumps(list(intent.sans)), "not_before": _ts(intent.not_before),
+                "not_after": _ts(intent.not_after), "provisioner": intent.provisioner,
+                "status": "intent", "token_id": token_id, "created_at": now,
+                "der": None, "issued_at": None})
+
+        await self._submit(op)
+
+    async def record_certificate(self, serial: int, der: bytes) -> None:
+        now = int(time.time())
+
+        def op(conn: Connection) -> None:
+            res = conn.execute(_MARK_ISSUED,
+                               {"b_serial": serial_hex(serial), "b_der": der, "b_now": now})
+            if res.rowcount != 1:
+                raise StorageError(f"serial {serial_hex(serial)} was never reserved")
+
+        await self._submit(op)
+
+    async def record_failure(self, serial: int) -> None:
+        def op(conn: Connection) -> None:
+            conn.execute(update(certificates)
+                         .where(certificates.c.serial == serial_hex(serial))
+                         .where(certificates.c.status == "intent")
+                         .values(status="failed"))
+
+        await self._submit(op)
+
+    async def get_certificate(self, serial: int) -> CertificateRecord | None:
+        def op(conn: Connection) -> CertificateRecord | None:
+            row = conn.execute(select(certificates)
+                               .where(certificates.c.serial == serial_hex(serial))).first()
+            if row is None:
+                return None
+            return CertificateRecord(
+                serial=int(row.serial, 16), subject=row.subject, sans=tuple(json.loads(row.sans)),
+                not_before=_dt(row.not_before), not_after=_dt(row.not_after),
+                provisioner=row.provisioner, status=row.status, der=row.der)
+
+        return await self._submit(op)
+
+    async def count_certificates(self, status: str = "issued") -> int:
+        def op(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(certificates)
+                                    .where(certificates.c.status == status)).scalar() or 0)
+
+        return await self._submit(op)
+
+    async def purge_expired_tokens(self, now: datetime) -> int:
+        def op(conn: Connection) -> int:
+            # A token past exp + leeway can no longer be accepted, so its id need not be kept.
+            cutoff = _ts(now) - 120
+            return int(conn.execute(delete(used_tokens)
+                                    .where(used_tokens.c.expires_at < cutoff)).rowcount)
+
+        return await self._submit(op)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._engine.dispose()
