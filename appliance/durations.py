@@ -13,7 +13,7 @@ def parse_duration(text: str) -> timedelta:
     """Parse a Go duration string; raise ValueError with the offending text otherwise."""
     s = text.strip()
     sign = 1
-    if s[:1] in "+-":
+    if s and s[0] in "+-":
         sign = -1 if s[0] == "-" else 1
         s = s[1:]
     if s == "0":
