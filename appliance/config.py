@@ -74,7 +74,8 @@ class JwkProvisionerConfig(_Model):
     @classmethod
     def _public_only(cls, key: dict[str, Any]) -> dict[str, Any]:
         if "d" in key or "p" in key:
-            raise ValueError("the provisioner key in ca.json must be a public JWK (no private part)")
+            raise ValueError("the provisioner key in ca.json must be a public JWK "
+                             "(no private part)")
         if key.get("kty") not in ("EC", "RSA", "OKP"):
             raise ValueError("the provisioner key must be an EC, RSA or OKP JWK")
         if not key.get("kid"):

@@ -64,8 +64,9 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApplianceError as e:
         response = error_body(e.status, e.message)
         request["error"] = e.message
-    except web.HTTPRequestEntityTooLarge as e:
-        response = error_body(413, f"request body is larger than {e.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].config.max_body_bytes
+        response = error_body(413, f"request body is larger than {limit} bytes")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -163,7 +163,7 @@ class Authority:
         issued = await self.issuer.issue(IssuanceRequest(
             subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.subject)]),
             sans=tuple(token_sans),
-            public_key=csr.public_key(),  # type: ignore[arg-type]
+            public_key=csr.public_key(),
             not_before=not_before,
             not_after=not_after,
             provisioner=provisioner.name,

@@ -15,7 +15,7 @@ MAX_RSA_BITS = 8192
 
 def parse_csr_pem(untrusted_pem: str) -> x509.CertificateSigningRequest:
     """Load a PEM CSR and check its signature and key; raise BadCsr saying what is wrong."""
-    if not isinstance(untrusted_pem, str) or "-----BEGIN CERTIFICATE REQUEST-----" not in untrusted_pem:
+    if "-----BEGIN CERTIFICATE REQUEST-----" not in untrusted_pem:
         raise BadCsr("csr must be a PEM-encoded CERTIFICATE REQUEST")
     if len(untrusted_pem) > MAX_CSR_BYTES:
         raise BadCsr(f"csr is larger than {MAX_CSR_BYTES} bytes")

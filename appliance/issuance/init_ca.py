@@ -130,17 +130,17 @@ def initialise(opts: InitOptions) -> InitResult:
     prov_key = generate_key("EC", "P-256")
     provisioner = JwkProvisionerConfig(
         type="JWK", name=opts.provisioner, key=public_jwk(prov_key),
-        encryptedKey=encrypt_private_key(prov_key, opts.provisioner_password))
+        encrypted_key=encrypt_private_key(prov_key, opts.provisioner_password))
     del prov_key
 
     module_uri = Pkcs11Uri(token=opts.issuer_token, module_path=opts.module_path).format()
     config = CaConfig(
         root=str(root_path), crt=str(inter_path),
-        key=inter_ref.to_uri(), rootKey=root_ref.to_uri(),
+        key=inter_ref.to_uri(), root_key=root_ref.to_uri(),
         kms=KmsConfig(type="pkcs11", uri=module_uri,
-                      softhsmConf=str(conf) if conf else None),
-        address=opts.address, dnsNames=list(opts.dns_names),
-        db=DbConfig(type="sqlite", dataSource=str(opts.home / "db" / "appliance.db")),
+                      softhsm_conf=str(conf) if conf else None),
+        address=opts.address, dns_names=list(opts.dns_names),
+        db=DbConfig(type="sqlite", data_source=str(opts.home / "db" / "appliance.db")),
         authority=AuthorityConfig(provisioners=[provisioner]),
     )
     write_config(config_path, config)

@@ -32,7 +32,7 @@ def test_claims_defaults_and_override() -> None:
     base = Claims()
     assert (base.min_duration, base.max_duration, base.default_duration) == (
         timedelta(minutes=5), timedelta(hours=24), timedelta(hours=24))
-    merged = base.merged(ClaimsConfig(maxTLSCertDuration="1h", defaultTLSCertDuration="30m"))
+    merged = base.merged(ClaimsConfig(max_tls_cert_duration="1h", default_tls_cert_duration="30m"))
     assert merged.max_duration == timedelta(hours=1)
     assert merged.default_duration == timedelta(minutes=30)
     assert merged.min_duration == timedelta(minutes=5)
@@ -40,7 +40,7 @@ def test_claims_defaults_and_override() -> None:
 
 def test_claims_incoherent_refused() -> None:
     with pytest.raises(ConfigError, match="minTLSCertDuration <= defaultTLSCertDuration"):
-        Claims().merged(ClaimsConfig(maxTLSCertDuration="1h"))  # default 24h > max 1h
+        Claims().merged(ClaimsConfig(max_tls_cert_duration="1h"))  # default 24h > max 1h
 
 
 def test_claims_check_duration_messages() -> None:

@@ -54,13 +54,9 @@ def generate_key(kty: str = "EC", curve: str = "P-256", size: int = 2048) -> Pri
     raise BadRequest(f"unsupported key type {kty}; use EC, RSA or OKP")
 
 
-def _to_jwk(key: PrivateKeyTypes | Any) -> jwk.JWK:
-    if hasattr(key, "private_bytes"):
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        return jwk.JWK.from_pem(pem)
-    pem = key.public_bytes(serialization.Encoding.PEM,
-                           serialization.PublicFormat.SubjectPublicKeyInfo)
+def _to_jwk(key: PrivateKeyTypes) -> jwk.JWK:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
     return jwk.JWK.from_pem(pem)
 
 
