@@ -66,4 +66,6 @@ class ConfigError(ApplianceError):
 
 
 class StorageError(ApplianceError):
-    """The database could not record or read something."""
+    """The database could not record or read something; the client may retry."""
+
+    status = 503

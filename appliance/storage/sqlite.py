@@ -109,6 +109,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 MAX_BATCH = 256
+EXPECTED_REFUSALS = (TokenReused, StorageError)
 
 # Built once: constructing a statement per call costs more CPU than executing it.
 _INSERT_TOKEN = insert(used_tokens)
@@ -142,6 +143,14 @@ class _Op:
         self.fn = fn
         self.loop = loop
         self.future = future
+
+
+class _UnexpectedOpFailure(Exception):
+    """An op failed in a way that may have left a partial write: roll the batch back."""
+
+
+def _commit_failed(e: BaseException) -> StorageError:
+    return StorageError(f"the database could not commit: {type(e).__name__}")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -235,23 +244,42 @@ class SqliteStore:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[_Op]) -> None:
-        results: list[tuple[Any, BaseException | None]] = []
+        """One transaction for the whole batch, falling back to one per op on a fault.
+
+        Ops are written so that an expected refusal (TokenReused, an unknown serial) is raised
+        before they write anything; SQLite statements are atomic, so the batch can go on and
+        commit. Any other exception may have left a partial write, so the batch is rolled back
+        and each op is replayed alone: a fault never mixes one op's half-write into another's.
+        """
         try:
-            with self._engine.begin() as conn:
-                for op in batch:
-                    nested = conn.begin_nested()
-                    try:
-                        results.append((op.fn(conn), None))
-                        nested.commit()
-                    except Exception as e:  # noqa: BLE001 - handed to the waiting caller
-                        nested.rollback()
-                        results.append((None, e))
+            results = self._run_in_one_transaction(batch)
+        except _UnexpectedOpFailure:
+            results = []
+            for op in batch:
+                try:
+                    results.extend(self._run_in_one_transaction([op]))
+                except _UnexpectedOpFailure as e:
+                    cause = type(e.__cause__).__name__ if e.__cause__ else "unknown fault"
+                    results.append((None, StorageError(f"the database refused the write: {cause}")))
+                except Exception as e:  # noqa: BLE001 - the commit failed
+                    results.append((None, _commit_failed(e)))
         except Exception as e:  # noqa: BLE001 - the commit itself failed: nothing is durable
-            err = StorageError(f"the database could not commit: {type(e).__name__}")
-            results = [(None, err)] * len(batch)
+            results = [(None, _commit_failed(e))] * len(batch)
         for op, (result, error) in zip(batch, results, strict=True):
             if op.future is not None and op.loop is not None:
                 op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+
+    def _run_in_one_transaction(self, batch: list[_Op]) -> list[tuple[Any, BaseException | None]]:
+        results: list[tuple[Any, BaseException | None]] = []
+        with self._engine.begin() as conn:
+            for op in batch:
+                try:
+                    results.append((op.fn(conn), None))
+                except EXPECTED_REFUSALS as e:
+                    results.append((None, e))
+                except Exception as e:
+                    raise _UnexpectedOpFailure() from e
+        return results
 
     async def _submit(self, fn: Callable[[Connection], T]) -> T:
         if self._closed:

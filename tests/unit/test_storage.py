@@ -91,3 +91,20 @@ def test_migrations_idempotent_and_durable_settings(tmp_path: Path) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"certificates", "used_tokens", "schema_migrations"} <= tables
     conn.close()
+
+
+async def test_partial_write_in_a_batch_is_rolled_back_alone(tmp_path: Path) -> None:
+    """A serial collision fails after the token id was written: that op alone is undone."""
+    store = SqliteStore.open(tmp_path / "a.db")
+    await store.reserve(intent(42, "jti-first-use"))
+    results = await asyncio.gather(
+        *(store.reserve(intent(2000 + i, f"jti-neighbour-{i:04d}")) for i in range(50)),
+        store.reserve(intent(42, "jti-collides")),  # same serial: IntegrityError on 2nd insert
+        return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 1 and isinstance(failures[0], StorageError)
+    assert "IntegrityError" in failures[0].message
+    assert await store.count_certificates("intent") == 51
+    # The colliding op's token id was rolled back with it, so the token is still usable.
+    await store.reserve(intent(43, "jti-collides"))
+    await store.close()
