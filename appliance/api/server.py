@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -172,6 +173,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        check_address_free(*self.config.host_port())
         self._tls = await issue_server_certificate(self.runtime.issuer, self.config.dns_names)
         for i in range(self.worker_count()):
             self._spawn(i)
@@ -294,6 +296,22 @@ class Supervisor:
         if self.options.pidfile:
             with contextlib.suppress(FileNotFoundError):
                 self.options.pidfile.unlink()
+
+
+def check_address_free(host: str, port: int) -> None:
+    """Refuse to start when the port is taken, even by another server using SO_REUSEPORT.
+
+    Workers bind with SO_REUSEPORT so that they can share the port; without this probe a second
+    `applianctl serve` would silently join the first one's port.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR passes over TIME_WAIT leftovers of a previous run, never a live listener.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ApplianceError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def write_pidfile(path: Path) -> None:
