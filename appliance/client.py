@@ -46,15 +46,25 @@ def trust_context(root: Path) -> ssl.SSLContext:
 class CaClient:
     """One CA at `ca_url`, trusted through the root file `root` (None: unverified, bootstrap)."""
 
-    def __init__(self, ca_url: str, root: Path | None) -> None:
+    def __init__(self, ca_url: str, root: Path | None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
         self.ca_url = ca_url.rstrip("/")
         self._ssl: ssl.SSLContext | bool = trust_context(root) if root else False
+        if client_cert is not None and isinstance(self._ssl, ssl.SSLContext):
+            try:
+                self._ssl.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+            except (ssl.SSLError, ValueError):
+                raise ClientError(f"{client_cert[0]} and {client_cert[1]} are not a matching "
+                                  "certificate and key") from None
 
-    async def request(self, method: str, path: str, body: Any = None) -> Any:
+    async def request(self, method: str, path: str, body: Any = None,
+                      headers: dict[str, str] | None = None, raw: bool = False) -> Any:
         url = f"{self.ca_url}{path}"
         try:
             async with aiohttp.ClientSession(timeout=TIMEOUT) as session, session.request(
-                    method, url, json=body, ssl=self._ssl) as resp:
+                    method, url, json=body, ssl=self._ssl, headers=headers) as resp:
+                if raw and resp.status < 400:
+                    return await resp.read()
                 text = await resp.text()
                 if resp.status >= 400:
                     message = text.strip()[:300]
@@ -120,6 +130,28 @@ class CaClient:
             body["notAfter"] = not_after
         data = await self.request("POST", "/1.0/sign", body)
         return [x509.load_pem_x509_certificate(p.encode()) for p in data["certChain"]]
+
+
+    async def renew(self, bearer: str | None = None) -> list[x509.Certificate]:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
+        data = await self.request("POST", "/1.0/renew", {}, headers=headers)
+        return [x509.load_pem_x509_certificate(p.encode()) for p in data["certChain"]]
+
+    async def rekey(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+        data = await self.request(
+            "POST", "/1.0/rekey", {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()})
+        return [x509.load_pem_x509_certificate(p.encode()) for p in data["certChain"]]
+
+    async def revoke(self, serial: int, ott: str | None, reason_code: int, reason: str) -> None:
+        body: dict[str, Any] = {"serial": str(serial), "reasonCode": reason_code,
+                                "reason": reason, "passive": True}
+        if ott:
+            body["ott"] = ott
+        await self.request("POST", "/1.0/revoke", body)
+
+    async def crl(self) -> x509.CertificateRevocationList:
+        der = await self.request("GET", "/1.0/crl", raw=True)
+        return x509.load_der_x509_crl(der)
 
 
 def make_csr(key: PrivateKeyTypes, subject: str, sans: list[str]) -> x509.CertificateSigningRequest:

@@ -172,6 +172,35 @@ class TlsConfig(_Model):
         return self
 
 
+class CrlConfig(_Model):
+    """step-ca's `crl` block: a CRL signed by the issuer key, regenerated on revocation."""
+
+    enabled: bool = False
+    generate_on_revoke: bool = Field(True, alias="generateOnRevoke")
+    cache_duration: str = Field("24h", alias="cacheDuration")
+    renew_period: str | None = Field(None, alias="renewPeriod")
+    idp_url: str | None = Field(None, alias="idpURL")
+
+    _dur = field_validator("cache_duration", "renew_period")(_check_duration)
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> CrlConfig:
+        if self.renew_period and parse_duration(self.renew_period) >= parse_duration(
+                self.cache_duration):
+            raise ValueError("crl.renewPeriod must be shorter than crl.cacheDuration")
+        if self.idp_url and not self.idp_url.startswith(("http://", "https://")):
+            raise ValueError("crl.idpURL must be an http(s) URL")
+        return self
+
+    def lifetime(self) -> timedelta:
+        return parse_duration(self.cache_duration)
+
+    def regenerate_before_expiry(self) -> timedelta:
+        """How long before nextUpdate a fresh CRL is made (default: a third of its life)."""
+        life = self.lifetime()
+        return life - parse_duration(self.renew_period) if self.renew_period else life / 3
+
+
 class CaConfig(_Model):
     root: str
     crt: str
@@ -179,17 +208,21 @@ class CaConfig(_Model):
     root_key: str | None = Field(None, alias="rootKey")
     kms: KmsConfig
     address: str = "127.0.0.1:9000"
+    insecure_address: str | None = Field(None, alias="insecureAddress")
     dns_names: list[str] = Field(alias="dnsNames", min_length=1)
     db: DbConfig
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     authority: AuthorityConfig = Field(default_factory=AuthorityConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    crl: CrlConfig = Field(default_factory=CrlConfig)
     workers: int = Field(0, ge=0, le=64)
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
 
-    @field_validator("address")
+    @field_validator("address", "insecure_address")
     @classmethod
-    def _address(cls, value: str) -> str:
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"address {value!r} must be host:port")
@@ -203,9 +236,21 @@ class CaConfig(_Model):
         return value
 
     # Derived helpers; paths in ca.json may be relative to the CA home.
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.address.rpartition(":")
+    def host_port(self, address: str | None = None) -> tuple[str, int]:
+        host, _, port = (address or self.address).rpartition(":")
         return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - operator's choice
+
+    def crl_url(self) -> str:
+        """Where issued certificates say their CRL is (crlDistributionPoints)."""
+        if self.crl.idp_url:
+            return self.crl.idp_url
+        if self.insecure_address:
+            host, port = self.host_port(self.insecure_address)
+            if host in ("0.0.0.0", "::"):  # noqa: S104 - a listen address, not a bind
+                host = self.dns_names[0]
+            return f"http://{host}:{port}/crl"
+        _, port = self.host_port()
+        return f"https://{self.dns_names[0]}:{port}/1.0/crl"
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)

@@ -12,12 +12,15 @@ from typing import Any
 import structlog
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from appliance import __version__
 from appliance.authority.authority import Authority, SignRequest
+from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
 from appliance.config import CIPHER_SUITES, CaConfig
-from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge
+from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
+from appliance.issuance.issuer import IssuedCertificate
 
 log = structlog.get_logger("appliance.api")
 
@@ -167,11 +170,81 @@ async def sign(request: web.Request) -> web.Response:
     sign_request = SignRequest.from_json(await read_json(request))
     issued, provisioner = await state.authority.sign(sign_request)
     request["provisioner"] = provisioner
+    return _issued_response(state, issued, 201)
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The client certificate of an mTLS connection (verified to the root in the handshake)."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _issued_response(state: ApiState, issued: IssuedCertificate, status: int) -> web.Response:
     chain = issued.pem_chain()
     return web.json_response(
         {"crt": chain[0], "ca": chain[1] if len(chain) > 1 else "", "certChain": chain,
          "tlsOptions": tls_options(state.config)},
-        status=201)
+        status=status)
+
+
+async def renew(request: web.Request) -> web.Response:
+    """mTLS with the certificate being renewed, or `Authorization: Bearer <x5c token>`."""
+    state = request.app[STATE]
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        cert, token_use = verify_renew_token(auth[7:].strip(), state.authority.renew_audiences,
+                                             time.time())
+        issued, provisioner = await state.authority.renew(cert, token_use=token_use)
+    else:
+        peer = peer_certificate(request)
+        if peer is None:
+            raise Unauthorized("renew needs the certificate over mTLS or an x5c Bearer token")
+        issued, provisioner = await state.authority.renew(peer)
+    request["provisioner"] = provisioner
+    return _issued_response(state, issued, 201)
+
+
+async def rekey(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    peer = peer_certificate(request)
+    if peer is None:
+        raise Unauthorized("rekey needs the current certificate over mTLS")
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
+        raise BadRequest("missing csr: a PEM certificate request for the new key is required")
+    issued, provisioner = await state.authority.rekey(peer, body["csr"])
+    request["provisioner"] = provisioner
+    return _issued_response(state, issued, 201)
+
+
+async def revoke(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    revoke_request = RevokeRequest.from_json(await read_json(request))
+    request["provisioner"] = await state.authority.revoke(revoke_request,
+                                                         peer_certificate(request))
+    return web.json_response({"status": "ok"})
+
+
+async def crl(request: web.Request) -> web.Response:
+    record = await request.app[STATE].authority.crl.current()
+    headers = {"Cache-Control": "public, max-age=60"}
+    if "pem" in request.query:
+        body = x509.load_der_x509_crl(record.der).public_bytes(serialization.Encoding.PEM)
+        return web.Response(body=body, content_type="application/x-pem-file", headers=headers)
+    return web.Response(body=record.der, content_type="application/pkix-crl", headers=headers)
+
+
+def create_insecure_app(state: ApiState) -> web.Application:
+    """The plain-HTTP listener (insecureAddress): the CRL and the root, nothing else."""
+    app = web.Application(client_max_size=1024, middlewares=[edge_middleware])
+    app[STATE] = state
+    for prefix in ("", "/1.0"):
+        app.router.add_get(f"{prefix}/crl", crl)
+        app.router.add_get(f"{prefix}/roots.pem", roots_pem)
+        app.router.add_get(f"{prefix}/root/{{sha}}", root_by_fingerprint)
+    return app
 
 
 def create_app(state: ApiState) -> web.Application:
@@ -190,6 +263,10 @@ def create_app(state: ApiState) -> web.Application:
         app.router.add_get(f"{prefix}/provisioners", provisioners)
         app.router.add_get(f"{prefix}/provisioners/{{kid}}/encrypted-key", encrypted_key)
         app.router.add_post(f"{prefix}/sign", sign)
+        app.router.add_post(f"{prefix}/renew", renew)
+        app.router.add_post(f"{prefix}/rekey", rekey)
+        app.router.add_post(f"{prefix}/revoke", revoke)
+        app.router.add_get(f"{prefix}/crl", crl)
     return app
 
 

@@ -30,10 +30,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from appliance.api.app import ApiState, create_app
+from appliance.api.app import ApiState, create_app, create_insecure_app
 from appliance.api.tls import issue_server_certificate, load_chain, server_context
 from appliance.config import CaConfig, load_config
 from appliance.errors import ApplianceError, ConfigError
+from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
 from appliance.runtime import Runtime, open_runtime
 
@@ -42,6 +43,7 @@ log = structlog.get_logger("appliance.server")
 READY_TIMEOUT = 120.0
 DRAIN_SECONDS = 30.0
 TOKEN_PURGE_INTERVAL = 600.0
+CRL_CHECK_INTERVAL = 60.0
 Conn = multiprocessing.connection.Connection
 
 
@@ -79,7 +81,7 @@ async def _worker(index: int, config_path: Path, control: Conn) -> int:
     assert kind == "start"
     runtime = await open_runtime(config_path, pin)
     del pin
-    ssl_context = server_context(runtime.config.tls, chain, key_pem)
+    ssl_context = server_context(runtime.config.tls, chain, key_pem, pem(runtime.root))
     del key_pem
     state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
                      intermediates=[runtime.intermediate])
@@ -90,6 +92,14 @@ async def _worker(index: int, config_path: Path, control: Conn) -> int:
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True,
                        backlog=1024, shutdown_timeout=DRAIN_SECONDS)
     await site.start()
+    insecure_runner = None
+    if runtime.config.insecure_address:
+        insecure_runner = web.AppRunner(create_insecure_app(state), access_log=None,
+                                        handle_signals=False)
+        await insecure_runner.setup()
+        ihost, iport = runtime.config.host_port(runtime.config.insecure_address)
+        await web.TCPSite(insecure_runner, ihost, iport, reuse_port=True,
+                          shutdown_timeout=DRAIN_SECONDS).start()
 
     stop = asyncio.Event()
 
@@ -110,12 +120,15 @@ async def _worker(index: int, config_path: Path, control: Conn) -> int:
     loop.add_reader(control.fileno(), on_control)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_worker, runtime, state)
-    purge = asyncio.create_task(_purge_tokens(runtime)) if index == 0 else None
+    background = [asyncio.create_task(_purge_tokens(runtime)),
+                  asyncio.create_task(_keep_crl_fresh(runtime))] if index == 0 else []
     control.send(("ready", os.getpid()))
     await stop.wait()
     loop.remove_reader(control.fileno())
-    if purge:
-        purge.cancel()
+    for task in background:
+        task.cancel()
+    if insecure_runner is not None:
+        await insecure_runner.cleanup()
     await runner.cleanup()  # stops accepting, lets in-flight requests finish
     await runtime.close()
     return 0
@@ -133,6 +146,17 @@ def _reload_worker(runtime: Runtime, state: ApiState) -> None:
     runtime.config = config
     state.config = config
     log.info("config_reloaded", provisioners=len(config.authority.provisioners))
+
+
+async def _keep_crl_fresh(runtime: Runtime) -> None:
+    """Regenerate the CRL before its nextUpdate even when nobody asks for it."""
+    while True:
+        try:
+            if runtime.config.crl.enabled:
+                await runtime.authority.crl.current()  # looked up anew: a reload replaces it
+        except Exception:  # noqa: BLE001 - keep trying; GET /crl also regenerates when due
+            log.exception("crl_refresh_failed")
+        await asyncio.sleep(CRL_CHECK_INTERVAL)
 
 
 async def _purge_tokens(runtime: Runtime) -> None:
@@ -174,6 +198,8 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         check_address_free(*self.config.host_port())
+        if self.config.insecure_address:
+            check_address_free(*self.config.host_port(self.config.insecure_address))
         self._tls = await issue_server_certificate(self.runtime.issuer, self.config.dns_names)
         for i in range(self.worker_count()):
             self._spawn(i)

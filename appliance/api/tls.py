@@ -56,9 +56,17 @@ def load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> Non
         os.close(key_fd)
 
 
-def server_context(tls: TlsConfig, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """TLS 1.2+ with step-ca's cipher suites, no renegotiation, no compression."""
+def server_context(tls: TlsConfig, chain_pem: bytes, key_pem: bytes,
+                   client_root_pem: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ with step-ca's cipher suites, no renegotiation, no compression.
+
+    With `client_root_pem`, clients may present a certificate (renew, rekey, revoke over mTLS);
+    the handshake checks it chains to the root, and the handlers check it is one we recorded.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if client_root_pem:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cadata=client_root_pem)
     context.minimum_version = _VERSIONS[tls.min_version]
     context.maximum_version = _VERSIONS[tls.max_version]
     context.set_ciphers(":".join(CIPHER_SUITES[s] for s in tls.cipher_suites))

@@ -12,18 +12,32 @@ from typing import Any
 import jwt
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from appliance.authority.claims import Claims
 from appliance.authority.csr import parse_csr_pem
+from appliance.authority.lifecycle import RevokeRequest, parse_serial
 from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
 from appliance.config import CaConfig
 from appliance.durations import parse_duration
-from appliance.errors import BadRequest, Forbidden, Unauthorized
+from appliance.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from appliance.issuance.ca_certs import fingerprint
+from appliance.issuance.crl import CrlService
 from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer
 from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
-from appliance.storage import TokenUse
+from appliance.issuance.provisioner_ext import provisioner_extension
+from appliance.storage import (
+    AlreadyRevoked,
+    CertificateRecord,
+    CertificateUnknown,
+    Revocation,
+    Store,
+    TokenReused,
+    TokenUse,
+)
 
 log = structlog.get_logger("appliance.authority")
 
@@ -87,10 +101,11 @@ def audiences_for(config: CaConfig, path: str) -> list[str]:
 
 class Authority:
     def __init__(
-        self, config: CaConfig, issuer: Issuer, root: x509.Certificate,
+        self, config: CaConfig, issuer: Issuer, root: x509.Certificate, store: Store,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuer = issuer
+        self.store = store
         self.root = root
         self.root_fingerprint = fingerprint(root)
         self._clock = clock
@@ -107,6 +122,27 @@ class Authority:
         self.provisioners = provisioners
         self._by_kid = {p.kid: p for p in provisioners}
         self.sign_audiences = audiences_for(config, "/sign")
+        self.revoke_audiences = audiences_for(config, "/revoke")
+        self.renew_audiences = audiences_for(config, "/renew")
+        self.crl = CrlService(self.issuer, self.store, config.crl, self._clock)
+        self._crl_dp = (x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(config.crl_url())], relative_name=None,
+            reasons=None, crl_issuer=None)]) if config.crl.enabled else None)
+
+    def provisioner_named(self, name: str) -> JwkProvisioner | None:
+        return next((p for p in self.provisioners if p.name == name), None)
+
+    def common_extensions(self, provisioner: JwkProvisioner
+                          ) -> tuple[x509.Extension[x509.ExtensionType], ...]:
+        """What every certificate carries: who authorised it, and where its CRL is."""
+        exts: list[x509.Extension[x509.ExtensionType]] = [
+            provisioner_extension(provisioner.type, provisioner.name, provisioner.kid)]
+        if self._crl_dp is not None:
+            exts.append(x509.Extension(self._crl_dp.oid, False, self._crl_dp))
+        return tuple(exts)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC).replace(microsecond=0)
 
     def provisioner_for_token(self, untrusted_ott: str) -> JwkProvisioner:
         if len(untrusted_ott) > MAX_TOKEN_BYTES:
@@ -168,5 +204,115 @@ class Authority:
             not_after=not_after,
             provisioner=provisioner.name,
             token_use=TokenUse(provisioner.name, token.jti, token.expires_at),
+            extra_extensions=self.common_extensions(provisioner),
         ))
         return issued, provisioner.name
+
+    # -- lifecycle of an issued certificate --------------------------------------------------
+    async def recorded(self, cert: x509.Certificate) -> CertificateRecord:
+        """The database record of a certificate presented as a credential, if it is ours."""
+        record = await self.store.get_certificate(cert.serial_number)
+        if record is None or record.der != cert.public_bytes(serialization.Encoding.DER):
+            raise Unauthorized("the certificate was not issued by this CA")
+        try:
+            cert.verify_directly_issued_by(self.issuer.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise Unauthorized("the certificate was not issued by this CA's intermediate"
+                               ) from None
+        return record
+
+    async def _renewable(self, cert: x509.Certificate, *, allow_expired: bool
+                         ) -> tuple[CertificateRecord, JwkProvisioner]:
+        record = await self.recorded(cert)
+        if await self.store.get_revocation(cert.serial_number) is not None:
+            raise Unauthorized("the certificate has been revoked")
+        provisioner = self.provisioner_named(record.provisioner)
+        if provisioner is None:
+            raise Unauthorized(f"the provisioner {record.provisioner!r} that authorised this "
+                               "certificate no longer exists")
+        if provisioner.claims.disable_renewal:
+            raise Forbidden(f"renewal is disabled for provisioner {provisioner.name!r}")
+        if self._now() > cert.not_valid_after_utc:
+            if not allow_expired:
+                raise Unauthorized("the certificate has expired; renew it with an x5c token "
+                                   "where the provisioner allows renewal after expiry")
+            if not provisioner.claims.allow_renewal_after_expiry:
+                raise Unauthorized(
+                    f"the certificate expired at {cert.not_valid_after_utc.isoformat()} and "
+                    f"provisioner {provisioner.name!r} does not allow renewal after expiry")
+        return record, provisioner
+
+    async def renew(self, cert: x509.Certificate, *, token_use: TokenUse | None = None,
+                    new_public_key: CertificatePublicKeyTypes | None = None
+                    ) -> tuple[IssuedCertificate, str]:
+        """Same subject, names and lifetime length, starting now (step-ca's arithmetic)."""
+        _, provisioner = await self._renewable(cert, allow_expired=token_use is not None)
+        duration = cert.not_valid_after_utc - cert.not_valid_before_utc
+        now = self._now()
+        not_after = now + duration - self.backdate
+        if not_after > self.issuer.certificate.not_valid_after_utc:
+            not_after = self.issuer.certificate.not_valid_after_utc
+        try:
+            sans = tuple(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                         .value)
+        except x509.ExtensionNotFound:
+            sans = ()
+        try:
+            eku = tuple(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            eku = ()
+        try:
+            ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
+                x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        public_key = new_public_key or cert.public_key()
+        if new_public_key is not None:
+            ku = None  # keyEncipherment follows the new key's type
+        issued = await self.issuer.issue(IssuanceRequest(
+            subject=cert.subject, sans=sans, public_key=public_key,
+            not_before=now - self.backdate, not_after=not_after, provisioner=provisioner.name,
+            token_use=token_use, key_usage=ku, ext_key_usage=eku or IssuanceRequest.ext_key_usage,
+            extra_extensions=self.common_extensions(provisioner)))
+        return issued, provisioner.name
+
+    async def rekey(self, cert: x509.Certificate, untrusted_csr: str
+                    ) -> tuple[IssuedCertificate, str]:
+        """A new key for the same identity (mTLS with the current certificate only)."""
+        csr = parse_csr_pem(untrusted_csr)
+        return await self.renew(cert, new_public_key=csr.public_key())
+
+    async def revoke(self, request: RevokeRequest, peer: x509.Certificate | None) -> str:
+        """Revoke by a provisioner's revoke token, or by the certificate itself over mTLS."""
+        if request.untrusted_ott:
+            provisioner = self.provisioner_for_token(request.untrusted_ott)
+            token = provisioner.verify_token(request.untrusted_ott, self.revoke_audiences,
+                                             self.root_fingerprint, now=self._clock())
+            if parse_serial(token.subject) != request.serial:
+                raise Unauthorized("the revoke token's subject is not the serial to revoke")
+            who, method = provisioner.name, "token"
+            token_use: TokenUse | None = TokenUse(provisioner.name, token.jti, token.expires_at)
+        elif peer is not None:
+            if peer.serial_number != request.serial:
+                raise Unauthorized("over mTLS a certificate can revoke only itself")
+            record = await self.recorded(peer)
+            who, method, token_use = record.provisioner, "mtls", None
+        else:
+            raise Unauthorized("revocation needs a revoke token (ott) or the certificate "
+                               "itself over mTLS")
+        try:
+            await self.store.revoke(Revocation(
+                serial=request.serial, reason_code=request.reason_code, reason=request.reason,
+                revoked_at=self._now(), provisioner=who, method=method, token_use=token_use))
+        except CertificateUnknown:
+            raise NotFound(f"no certificate with serial {request.serial} was issued by this CA"
+                           ) from None
+        except AlreadyRevoked:
+            raise BadRequest(f"certificate with serial {request.serial} is already revoked"
+                             ) from None
+        except TokenReused:
+            raise Unauthorized("token already used: one-time tokens cannot be replayed"
+                               ) from None
+        if self.config.crl.enabled and self.config.crl.generate_on_revoke:
+            await self.crl.regenerate()
+        return who

@@ -394,3 +394,7 @@ def main() -> None:
     except ClientError as e:  # pragma: no cover - raised inside invoke normally
         click.echo(f"error: {e.message}", err=True)
         sys.exit(1)
+
+
+# Commands defined in their own modules register themselves on `cli`.
+from appliance.cli import lifecycle  # noqa: E402,F401

@@ -17,6 +17,7 @@ from appliance.authority.provisioners.jwk_keys import (
 from appliance.config import (
     AuthorityConfig,
     CaConfig,
+    CrlConfig,
     DbConfig,
     Defaults,
     JwkProvisionerConfig,
@@ -142,6 +143,7 @@ def initialise(opts: InitOptions) -> InitResult:
         address=opts.address, dns_names=list(opts.dns_names),
         db=DbConfig(type="sqlite", data_source=str(opts.home / "db" / "appliance.db")),
         authority=AuthorityConfig(provisioners=[provisioner]),
+        crl=CrlConfig(enabled=True),
     )
     write_config(config_path, config)
 

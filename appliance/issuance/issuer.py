@@ -46,6 +46,7 @@ class IssuanceRequest:
     not_after: datetime
     provisioner: str
     token_use: TokenUse | None = None
+    key_usage: x509.KeyUsage | None = None  # None: digitalSignature (+ keyEncipherment for RSA)
     ext_key_usage: tuple[x509.ObjectIdentifier, ...] = (
         ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -127,6 +128,24 @@ class Issuer:
         await self._store.record_certificate(serial, cert.public_bytes(serialization.Encoding.DER))
         return IssuedCertificate(cert, self.chain)
 
+    async def sign_crl(self, entries: list[x509.RevokedCertificate], number: int,
+                       this_update: datetime, next_update: datetime
+                       ) -> x509.CertificateRevocationList:
+        """Sign a CRL with the issuer key in the token (on the token's thread)."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(this_update)
+            .next_update(next_update)
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        for entry in entries:
+            builder = builder.add_revoked_certificate(entry)
+        crl: x509.CertificateRevocationList = await asyncio.shield(self._run_signing(
+            partial(builder.sign, self._key, self._hash)))  # type: ignore[arg-type]
+        return crl
+
     def _build(self, request: IssuanceRequest, serial: int) -> x509.Certificate:
         san_critical = len(request.subject) == 0
         builder = (
@@ -137,7 +156,8 @@ class Issuer:
             .serial_number(serial)
             .not_valid_before(request.not_before)
             .not_valid_after(request.not_after)
-            .add_extension(leaf_key_usage(request.public_key), critical=True)
+            .add_extension(request.key_usage or leaf_key_usage(request.public_key),
+                           critical=True)
             .add_extension(x509.ExtendedKeyUsage(list(request.ext_key_usage)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key),

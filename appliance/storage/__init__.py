@@ -11,6 +11,14 @@ class TokenReused(Exception):
     """The one-time token id was already recorded: a replay."""
 
 
+class AlreadyRevoked(Exception):
+    """The certificate is already revoked."""
+
+
+class CertificateUnknown(Exception):
+    """No issued certificate has this serial."""
+
+
 @dataclass(frozen=True)
 class TokenUse:
     """A one-time token id to record atomically with the issuance it authorised."""
@@ -45,6 +53,36 @@ class CertificateRecord:
     der: bytes | None
 
 
+@dataclass(frozen=True)
+class Revocation:
+    serial: int
+    reason_code: int
+    reason: str
+    revoked_at: datetime
+    provisioner: str
+    method: str  # "token" | "mtls" | "acme" ...
+    token_use: TokenUse | None = None
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    serial: int
+    reason_code: int
+    reason: str
+    revoked_at: datetime
+    provisioner: str
+    method: str
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class CrlRecord:
+    number: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes
+
+
 class Store(Protocol):
     async def reserve(self, intent: CertificateIntent) -> None:
         """Record the intent (and its token id); raise TokenReused on a replayed token."""
@@ -60,5 +98,17 @@ class Store(Protocol):
     async def count_certificates(self) -> int: ...
 
     async def purge_expired_tokens(self, now: datetime) -> int: ...
+
+    async def revoke(self, revocation: Revocation) -> None: ...
+
+    async def get_revocation(self, serial: int) -> RevocationRecord | None: ...
+
+    async def unexpired_revocations(self, now: datetime) -> list[RevocationRecord]: ...
+
+    async def reserve_crl_number(self, this_update: datetime, next_update: datetime) -> int: ...
+
+    async def record_crl(self, number: int, der: bytes) -> None: ...
+
+    async def latest_crl(self) -> CrlRecord | None: ...
 
     async def close(self) -> None: ...

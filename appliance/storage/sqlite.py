@@ -41,7 +41,16 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from appliance.errors import StorageError
-from appliance.storage import CertificateIntent, CertificateRecord, TokenReused
+from appliance.storage import (
+    AlreadyRevoked,
+    CertificateIntent,
+    CertificateRecord,
+    CertificateUnknown,
+    CrlRecord,
+    Revocation,
+    RevocationRecord,
+    TokenReused,
+)
 
 T = TypeVar("T")
 
@@ -68,6 +77,27 @@ certificates = Table(
     Column("der", LargeBinary),
     Column("created_at", Integer, nullable=False),
     Column("issued_at", Integer),
+)
+
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("serial", String(40), primary_key=True),
+    Column("reason_code", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("revoked_at", Integer, nullable=False),
+    Column("provisioner", String(128), nullable=False),
+    Column("method", String(32), nullable=False),
+    Column("not_after", Integer, nullable=False),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("number", Integer, primary_key=True),
+    Column("this_update", Integer, nullable=False),
+    Column("next_update", Integer, nullable=False),
+    Column("der", LargeBinary),
 )
 
 used_tokens = Table(
@@ -106,10 +136,29 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX used_tokens_expires ON used_tokens (expires_at)",
         ],
     ),
+    (
+        2,
+        [
+            """CREATE TABLE revocations (
+                serial VARCHAR(40) PRIMARY KEY REFERENCES certificates (serial),
+                reason_code INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                revoked_at INTEGER NOT NULL,
+                provisioner VARCHAR(128) NOT NULL,
+                method VARCHAR(32) NOT NULL,
+                not_after INTEGER NOT NULL)""",
+            "CREATE INDEX revocations_not_after ON revocations (not_after)",
+            """CREATE TABLE crls (
+                number INTEGER PRIMARY KEY,
+                this_update INTEGER NOT NULL,
+                next_update INTEGER NOT NULL,
+                der BLOB)""",
+        ],
+    ),
 ]
 
 MAX_BATCH = 256
-EXPECTED_REFUSALS = (TokenReused, StorageError)
+EXPECTED_REFUSALS = (TokenReused, StorageError, AlreadyRevoked, CertificateUnknown)
 
 # Built once: constructing a statement per call costs more CPU than executing it.
 _INSERT_TOKEN = insert(used_tokens)
@@ -151,6 +200,13 @@ class _UnexpectedOpFailure(Exception):
 
 def _commit_failed(e: BaseException) -> StorageError:
     return StorageError(f"the database could not commit: {type(e).__name__}")
+
+
+def _revocation(row: Any) -> RevocationRecord:
+    return RevocationRecord(
+        serial=int(row.serial, 16), reason_code=row.reason_code, reason=row.reason,
+        revoked_at=_dt(row.revoked_at), provisioner=row.provisioner, method=row.method,
+        not_after=_dt(row.not_after))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -360,6 +416,80 @@ class SqliteStore:
             cutoff = _ts(now) - 120
             return int(conn.execute(delete(used_tokens)
                                     .where(used_tokens.c.expires_at < cutoff)).rowcount)
+
+        return await self._submit(op)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Record a revocation (and its token id); AlreadyRevoked / NotFound otherwise."""
+        now = int(time.time())
+
+        def op(conn: Connection) -> None:
+            serial = serial_hex(revocation.serial)
+            row = conn.execute(select(certificates.c.status, certificates.c.not_after)
+                               .where(certificates.c.serial == serial)).first()
+            if row is None or row.status != "issued":
+                raise CertificateUnknown(serial)
+            if conn.execute(select(revocations.c.serial)
+                            .where(revocations.c.serial == serial)).first() is not None:
+                raise AlreadyRevoked(serial)
+            if revocation.token_use is not None:
+                tu = revocation.token_use
+                try:
+                    conn.execute(_INSERT_TOKEN, {
+                        "provisioner": tu.provisioner, "jti": tu.jti,
+                        "expires_at": _ts(tu.expires_at), "used_at": now})
+                except IntegrityError:
+                    raise TokenReused(tu.jti) from None
+            conn.execute(insert(revocations).values(
+                serial=serial, reason_code=revocation.reason_code, reason=revocation.reason,
+                revoked_at=_ts(revocation.revoked_at), provisioner=revocation.provisioner,
+                method=revocation.method, not_after=row.not_after))
+
+        await self._submit(op)
+
+    async def get_revocation(self, serial: int) -> RevocationRecord | None:
+        def op(conn: Connection) -> RevocationRecord | None:
+            row = conn.execute(select(revocations)
+                               .where(revocations.c.serial == serial_hex(serial))).first()
+            return None if row is None else _revocation(row)
+
+        return await self._submit(op)
+
+    async def unexpired_revocations(self, now: datetime) -> list[RevocationRecord]:
+        """Revocations whose certificate has not expired: the entries of the next CRL."""
+        def op(conn: Connection) -> list[RevocationRecord]:
+            rows = conn.execute(select(revocations).where(revocations.c.not_after >= _ts(now))
+                                .order_by(revocations.c.revoked_at))
+            return [_revocation(r) for r in rows]
+
+        return await self._submit(op)
+
+    async def reserve_crl_number(self, this_update: datetime, next_update: datetime) -> int:
+        """The next CRL number, reserved durably before the CRL is signed (monotonic)."""
+        def op(conn: Connection) -> int:
+            current = conn.execute(select(func.max(crls.c.number))).scalar()
+            number = int(current or 0) + 1
+            conn.execute(insert(crls).values(number=number, this_update=_ts(this_update),
+                                             next_update=_ts(next_update), der=None))
+            return number
+
+        return await self._submit(op)
+
+    async def record_crl(self, number: int, der: bytes) -> None:
+        def op(conn: Connection) -> None:
+            conn.execute(update(crls).where(crls.c.number == number).values(der=der))
+            # Older signed CRLs are superseded; keep the last few for forensics only.
+            conn.execute(delete(crls).where(crls.c.number < number - 10))
+
+        await self._submit(op)
+
+    async def latest_crl(self) -> CrlRecord | None:
+        def op(conn: Connection) -> CrlRecord | None:
+            row = conn.execute(select(crls).where(crls.c.der.is_not(None))
+                               .order_by(crls.c.number.desc()).limit(1)).first()
+            if row is None:
+                return None
+            return CrlRecord(row.number, _dt(row.this_update), _dt(row.next_update), row.der)
 
         return await self._submit(op)
 

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.errors import StorageError
 from appliance.storage import CertificateIntent, TokenReused, TokenUse
-from appliance.storage.sqlite import SqliteStore
+from appliance.storage.sqlite import MIGRATIONS, SqliteStore
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -84,12 +84,13 @@ def test_migrations_idempotent_and_durable_settings(tmp_path: Path) -> None:
         await store.close()
         return version
 
-    assert asyncio.run(open_close()) == 1
-    assert asyncio.run(open_close()) == 1
+    latest = MIGRATIONS[-1][0]
+    assert asyncio.run(open_close()) == latest
+    assert asyncio.run(open_close()) == latest
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"certificates", "used_tokens", "schema_migrations"} <= tables
+    assert {"certificates", "used_tokens", "schema_migrations", "revocations", "crls"} <= tables
     conn.close()
 
 
