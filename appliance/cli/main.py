@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 import os
 import sys
 from collections.abc import Coroutine
@@ -374,20 +373,6 @@ def sign(csr_file: Path, crt_file: Path, ott: str | None, provisioner: str | Non
     click.echo(f"Your certificate has been saved in {crt_file}.")
 
 
-@cli.group()
-def provisioner() -> None:
-    """Manage provisioners."""
-
-
-@provisioner.command("list")
-@ca_url_option
-@root_option
-def provisioner_list(ca_url: str | None, root: Path | None) -> None:
-    """Print the CA's provisioners as JSON."""
-    client, _ = client_from(ca_url, root)
-    click.echo(json.dumps(run(client.provisioners()), indent=3))
-
-
 def main() -> None:
     try:
         cli(prog_name="applianctl")
@@ -397,4 +382,4 @@ def main() -> None:
 
 
 # Commands defined in their own modules register themselves on `cli`.
-from appliance.cli import lifecycle  # noqa: E402,F401
+from appliance.cli import lifecycle, provisioners  # noqa: E402,F401
