@@ -113,14 +113,20 @@ def after_renewal(exec_cmd: str | None, pid: int | None, pid_file: Path | None,
             click.echo(f"warning: no process {target} to signal", err=True)
 
 
-def next_renewal(cert: x509.Certificate, renew_period: timedelta | None) -> float:
-    """Seconds until the next renewal: 2/3 of the lifetime, less up to 1/20 of it at random."""
+def next_renewal(cert: x509.Certificate, renew_period: timedelta | None,
+                 received_at: datetime) -> float:
+    """Seconds until the next renewal: 2/3 of the lifetime, less up to 1/20 of it at random.
+
+    The lifetime is counted from when the certificate was received, not from its notBefore,
+    which the CA backdates by a minute: for short-lived certificates that minute matters.
+    """
     now = datetime.now(UTC)
     if renew_period is not None:
         return max(renew_period.total_seconds(), 1.0)
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    start = max(cert.not_valid_before_utc, min(received_at, cert.not_valid_after_utc))
+    lifetime = cert.not_valid_after_utc - start
     jitter = lifetime.total_seconds() / 20 * random.random()  # noqa: S311 - spreading load
-    due = cert.not_valid_before_utc + lifetime * 2 / 3
+    due = start + lifetime * 2 / 3
     return max((due - now).total_seconds() - jitter, 1.0)
 
 
@@ -132,7 +138,8 @@ async def renew_daemon(client_args: tuple[str, Path], crt_file: Path, key_file: 
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, now_please.set)
-    delay = next_renewal(load_pair(crt_file, key_file)[0], renew_period)
+    received = datetime.fromtimestamp(crt_file.stat().st_mtime, UTC)
+    delay = next_renewal(load_pair(crt_file, key_file)[0], renew_period, received)
     click.echo(f"renewal daemon: next renewal in {int(delay)} s", err=True)
     while not stop.is_set():
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(now_please.wait())]
@@ -152,7 +159,7 @@ async def renew_daemon(client_args: tuple[str, Path], crt_file: Path, key_file: 
         replace_file(crt_file, _chain_pem(chain), 0o644)
         click.echo(f"Your certificate has been saved in {crt_file}.", err=True)
         after_renewal(*hooks)
-        delay = next_renewal(chain[0], renew_period)
+        delay = next_renewal(chain[0], renew_period, datetime.now(UTC))
         click.echo(f"renewal daemon: next renewal in {int(delay)} s", err=True)
 
 
