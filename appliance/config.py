@@ -62,13 +62,32 @@ class ClaimsConfig(_Model):
     )(_check_duration)
 
 
+class X509Options(_Model):
+    """step-ca's provisioner `options.x509`: a certificate template and its data."""
+
+    template: str | None = None
+    template_file: str | None = Field(None, alias="templateFile")
+    template_data: dict[str, Any] | None = Field(None, alias="templateData")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> X509Options:
+        if self.template is not None and self.template_file is not None:
+            raise ValueError("set options.x509.template or templateFile, not both")
+        return self
+
+
+class ProvisionerOptions(_Model):
+    x509: X509Options | None = None
+    ssh: dict[str, Any] | None = None  # accepted for step-ca compatibility; not used
+
+
 class JwkProvisionerConfig(_Model):
     type: Literal["JWK"]
     name: str = Field(min_length=1, max_length=128)
     key: dict[str, Any]
     encrypted_key: str | None = Field(None, alias="encryptedKey")
     claims: ClaimsConfig | None = None
-    options: dict[str, Any] | None = None
+    options: ProvisionerOptions | None = None
 
     @field_validator("key")
     @classmethod

@@ -82,6 +82,6 @@ async def open_runtime(config_path: Path, issuer_pin: str) -> Runtime:
         keystore.close()
         raise
     issuer = Issuer(intermediate, (intermediate,), key, keystore.run_async, store)
-    authority = Authority(config, issuer, root, store)
+    authority = Authority(config, issuer, root, store, home)
     return Runtime(config_path, home, config, keystore, store, issuer, authority, root,
                    intermediate)

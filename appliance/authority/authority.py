@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -21,14 +22,15 @@ from appliance.authority.claims import Claims
 from appliance.authority.csr import parse_csr_pem
 from appliance.authority.lifecycle import RevokeRequest, parse_serial
 from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
-from appliance.config import CaConfig
+from appliance.config import CaConfig, ProvisionerConfig, resolve_path
 from appliance.durations import parse_duration
-from appliance.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from appliance.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
 from appliance.issuance.ca_certs import fingerprint
 from appliance.issuance.crl import CrlService
 from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer
 from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
 from appliance.issuance.provisioner_ext import provisioner_extension
+from appliance.issuance.templates import TemplateData, X509Template
 from appliance.storage import (
     AlreadyRevoked,
     CertificateRecord,
@@ -53,6 +55,7 @@ class SignRequest:
     untrusted_ott: str
     untrusted_not_before: str | None = None
     untrusted_not_after: str | None = None
+    untrusted_template_data: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, body: Any) -> SignRequest:
@@ -67,7 +70,10 @@ class SignRequest:
         for field, v in (("notBefore", nb), ("notAfter", na)):
             if v is not None and not isinstance(v, str):
                 raise BadRequest(f"{field} must be an RFC 3339 time or a duration string")
-        return cls(csr, ott, nb or None, na or None)
+        template_data = body.get("templateData")
+        if template_data is not None and not isinstance(template_data, dict):
+            raise BadRequest("templateData must be a JSON object")
+        return cls(csr, ott, nb or None, na or None, template_data)
 
 
 def parse_time_or_duration(untrusted: str, field: str, now: datetime) -> datetime:
@@ -99,11 +105,32 @@ def audiences_for(config: CaConfig, path: str) -> list[str]:
     return out
 
 
+def load_template(provisioner: ProvisionerConfig, home: Path) -> X509Template | None:
+    """Compile and sample-render a provisioner's template; ConfigError names what is wrong."""
+    options = provisioner.options.x509 if provisioner.options else None
+    if options is None or (options.template is None and options.template_file is None):
+        return None
+    name = f"provisioner {provisioner.name!r} template"
+    if options.template_file is not None:
+        path = resolve_path(home, options.template_file)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}: cannot read {path}: {e}") from None
+    else:
+        assert options.template is not None
+        source = options.template
+    template = X509Template.compile(source, name=name)
+    template.check(options.template_data or {})
+    return template
+
+
 class Authority:
     def __init__(
         self, config: CaConfig, issuer: Issuer, root: x509.Certificate, store: Store,
-        clock: Callable[[], float] = time.time,
+        home: Path, clock: Callable[[], float] = time.time,
     ) -> None:
+        self.home = home
         self.issuer = issuer
         self.store = store
         self.root = root
@@ -114,7 +141,8 @@ class Authority:
     def reload(self, config: CaConfig) -> None:
         """Swap in a new validated configuration (provisioners, claims, audiences)."""
         global_claims = Claims().merged(config.authority.claims)
-        provisioners = [JwkProvisioner(p, global_claims.merged(p.claims))
+        provisioners = [JwkProvisioner(p, global_claims.merged(p.claims),
+                                       load_template(p, self.home))
                         for p in config.authority.provisioners]
         self.config = config
         self.claims = global_claims
@@ -196,15 +224,41 @@ class Authority:
         if not_before < now - timedelta(days=1) and request.untrusted_not_before:
             raise BadRequest("notBefore may not be more than a day in the past")
 
+        extensions = self.common_extensions(provisioner)
+        if provisioner.template is None:
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.subject)])
+            sans: tuple[x509.GeneralName, ...] = tuple(token_sans)
+            key_usage: x509.KeyUsage | None = None
+            eku = IssuanceRequest.ext_key_usage
+        else:
+            desc = provisioner.template.render(TemplateData(
+                subject=token.subject, sans=token.sans, token=token.raw,
+                csr_subject=str(cns[0].value) if cns else None,
+                csr_sans=tuple(san_to_text(n) for n in sans_of(csr)),
+                user=request.untrusted_template_data or {},
+                provisioner_data=provisioner.template_data))
+            subject, sans, key_usage = desc.subject, desc.sans, desc.key_usage
+            eku = desc.ext_key_usage or IssuanceRequest.ext_key_usage
+            if desc.crl_distribution_points:  # the template's CRL location replaces ours
+                dp = x509.CRLDistributionPoints([x509.DistributionPoint(
+                    full_name=[x509.UniformResourceIdentifier(u)
+                               for u in desc.crl_distribution_points],
+                    relative_name=None, reasons=None, crl_issuer=None)])
+                extensions = tuple(e for e in extensions if e.oid != dp.oid) + (
+                    x509.Extension(dp.oid, False, dp),)
+            extensions += desc.extensions
+
         issued = await self.issuer.issue(IssuanceRequest(
-            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.subject)]),
-            sans=tuple(token_sans),
+            subject=subject,
+            sans=sans,
             public_key=csr.public_key(),
             not_before=not_before,
             not_after=not_after,
             provisioner=provisioner.name,
             token_use=TokenUse(provisioner.name, token.jti, token.expires_at),
-            extra_extensions=self.common_extensions(provisioner),
+            key_usage=key_usage,
+            ext_key_usage=eku,
+            extra_extensions=extensions,
         ))
         return issued, provisioner.name
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from cryptography.hazmat.primitives import serialization
 
+from appliance.authority.authority import load_template
 from appliance.authority.claims import Claims
 from appliance.authority.provisioners.jwk_keys import (
     encrypt_private_key,
@@ -24,6 +25,7 @@ from appliance.cli.main import ca_url_option, cli, client_from, read_secret, roo
 from appliance.config import (
     ClaimsConfig,
     default_home,
+    home_of,
     load_config,
     parse_config,
     write_config,
@@ -43,6 +45,7 @@ def _save(path: Path, data: dict[str, Any]) -> None:
             global_claims.merged(p.claims)
         except ConfigError as e:
             raise ConfigError(f"provisioner {p.name!r}: {e.message}") from None
+        load_template(p, home_of(path))  # compiles and sample-renders; ConfigError names it
     write_config(path, config)
     click.echo(f"Success! {path} has been updated. Reload the CA to use it: "
                "`systemctl reload appliance` or `kill -HUP <pid>`.")
@@ -104,9 +107,30 @@ claims_options = [
     click.option("--allow-renewal-after-expiry/--disallow-renewal-after-expiry",
                  "allow_after_expiry", default=None,
                  help="Allow renewing an expired certificate with an x5c token."),
+    click.option("--x509-template", type=click.Path(path_type=Path, exists=True),
+                 help="Certificate template file (Jinja2, sandboxed); stored inline."),
+    click.option("--x509-template-data", type=click.Path(path_type=Path, exists=True),
+                 help="JSON object the template reads as Data."),
     click.option("--ca-config", type=click.Path(path_type=Path),
                  help="ca.json to edit (default: $APPLIANCE_HOME/config/ca.json)."),
 ]
+
+
+def _apply_template(entry: dict[str, Any], template: Path | None, data: Path | None) -> None:
+    if template is None and data is None:
+        return
+    x509_options = entry.setdefault("options", {}).setdefault("x509", {})
+    if template is not None:
+        x509_options.pop("templateFile", None)
+        x509_options["template"] = template.read_text(encoding="utf-8")
+    if data is not None:
+        try:
+            loaded = json.loads(data.read_text(encoding="utf-8"))
+        except ValueError:
+            raise BadRequest(f"{data} is not valid JSON") from None
+        if not isinstance(loaded, dict):
+            raise BadRequest(f"{data} must hold a JSON object")
+        x509_options["templateData"] = loaded
 
 
 def with_claims_options(f: Any) -> Any:
@@ -136,7 +160,8 @@ def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
                     private_key: Path | None, password_file: Path | None,
                     x509_min_dur: str | None, x509_max_dur: str | None,
                     x509_default_dur: str | None, disable_renewal: bool | None,
-                    allow_after_expiry: bool | None, ca_config: Path | None) -> None:
+                    allow_after_expiry: bool | None, x509_template: Path | None,
+                    x509_template_data: Path | None, ca_config: Path | None) -> None:
     """Add a provisioner."""
     path = _config_path(ca_config)
     data = load_config(path).to_json()
@@ -148,6 +173,7 @@ def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
                      allow_after_expiry)
     if claims:
         entry["claims"] = claims
+    _apply_template(entry, x509_template, x509_template_data)
     data["authority"].setdefault("provisioners", []).append(entry)
     _save(path, data)
 
@@ -163,8 +189,9 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
                        public_key: Path | None, private_key: Path | None,
                        x509_min_dur: str | None, x509_max_dur: str | None,
                        x509_default_dur: str | None, disable_renewal: bool | None,
-                       allow_after_expiry: bool | None, ca_config: Path | None) -> None:
-    """Change a provisioner's claims or key."""
+                       allow_after_expiry: bool | None, x509_template: Path | None,
+                       x509_template_data: Path | None, ca_config: Path | None) -> None:
+    """Change a provisioner's claims, key or template."""
     path = _config_path(ca_config)
     data = load_config(path).to_json()
     entry = next((p for p in data["authority"].get("provisioners", []) if p["name"] == name),
@@ -178,6 +205,7 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
                      disable_renewal, allow_after_expiry)
     if claims:
         entry["claims"] = claims
+    _apply_template(entry, x509_template, x509_template_data)
     _save(path, data)
 
 

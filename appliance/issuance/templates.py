@@ -29,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.errors import BadRequest, ConfigError
 from appliance.issuance.names import canonical_san, normalise_dns, parse_san
+from appliance.issuance.provisioner_ext import PROVISIONER_OID
 
 MAX_TEMPLATE_BYTES = 64 * 1024
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -97,6 +98,8 @@ _MANAGED_EXTENSIONS: dict[x509.ObjectIdentifier, str] = {
     ExtensionOID.POLICY_CONSTRAINTS: "policy constraints belong in CA certificates",
     ExtensionOID.POLICY_MAPPINGS: "policy mappings belong in CA certificates",
     ExtensionOID.INHIBIT_ANY_POLICY: "inhibitAnyPolicy belongs in CA certificates",
+    # Renewal and revocation read the provisioner from it: a template must not forge it.
+    PROVISIONER_OID: "the authority records the provisioner itself",
 }
 
 _DOTTED_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]{0,17})){1,63}$")
@@ -136,6 +139,10 @@ class _TemplateFailure(Exception):
     """Raised by `fail("...")` in a template: the message is for the requester."""
 
 
+class _Refused(BadRequest):
+    """The template called fail(): a deliberate answer, not a broken template."""
+
+
 class _OutputTooLarge(Exception):
     pass
 
@@ -150,8 +157,8 @@ class _SampleMapping(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return f"sample-{key}"
 
-    def get(self, key: str, default: Any = None) -> Any:  # noqa: ARG002 - dict.get signature
-        return self[key]
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key]  # a key the template asks for always exists in the sample
 
 
 def _to_json(value: Any) -> str:
@@ -181,7 +188,7 @@ def _size_of(value: Any) -> int:
 
 
 class _TemplateEnvironment(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with `*`, `+` and `**` bounded so one expression cannot exhaust memory."""
+    """The immutable sandbox, with `*`, `+` and `**` bounded so one expression cannot eat memory."""
 
     intercepted_binops = frozenset({"*", "+", "**"})
 
@@ -333,7 +340,8 @@ class X509Template:
 
         Token claims and Insecure.User keys the template reads get placeholder strings, since
         they vary per request. Data is the provisioner's templateData when given (so a typo in
-        a key is caught), placeholders otherwise.
+        a key is caught), placeholders otherwise. A template that calls fail() on the sample
+        passes: refusing a request is what fail() is for.
         """
         sample = TemplateData(
             subject="check.example.com",
@@ -352,20 +360,27 @@ class X509Template:
         if provisioner_data is None:
             context["Data"] = _SampleMapping()
         try:
-            self._render(context)
+            self._render(context, quote_output=True)
+        except _Refused:
+            return  # fail() on placeholder values is the template doing its job
         except BadRequest as e:
-            raise ConfigError(f"{self.name}: {e.message}") from None
+            raise ConfigError(f"{self.name}: rendering with sample data failed: {e.message}"
+                              ) from None
 
-    def _render(self, context: dict[str, Any]) -> CertificateDescription:
+    def _render(self, context: dict[str, Any], *, quote_output: bool = False
+                ) -> CertificateDescription:
         text = self._render_text(context)
         try:
             document = json.loads(text, object_pairs_hook=_object_without_duplicates,
                                   parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
+            where = f"{e.msg} at output line {e.lineno} column {e.colno}"
             lines = text.splitlines()
-            excerpt = lines[e.lineno - 1].strip()[:80] if 0 < e.lineno <= len(lines) else ""
-            raise BadRequest(f"template output is not valid JSON: {e.msg} at output line "
-                             f"{e.lineno} column {e.colno}: {excerpt!r}") from None
+            if quote_output and 0 < e.lineno <= len(lines):
+                # Only for the operator at check time: a requester should not be shown the
+                # rendered text (it may hold Data values or object reprs).
+                where += f": {lines[e.lineno - 1].strip()[:80]!r}"
+            raise BadRequest(f"template output is not valid JSON: {where}") from None
         except RecursionError:
             raise BadRequest("template output is nested too deeply") from None
         return _describe(document)
@@ -383,7 +398,7 @@ class X509Template:
             raise BadRequest(f"template output is larger than {MAX_OUTPUT_BYTES} bytes"
                              ) from None
         except _TemplateFailure as e:
-            raise BadRequest(f"the certificate template refused the request: {e}") from None
+            raise _Refused(f"the certificate template refused the request: {e}") from None
         except Exception as e:  # noqa: BLE001 - any error in operator code is a clear 400
             raise BadRequest(self._render_error(e)) from None
         return "".join(chunks)
@@ -564,11 +579,13 @@ def _ext_key_usage(value: Any) -> tuple[x509.ObjectIdentifier, ...]:
     out: dict[x509.ObjectIdentifier, None] = {}
     for name in names:
         oid = _EXT_KEY_USAGES.get(name.lower())
-        if oid is None and not name[:1].isdigit():
-            raise BadRequest(f"extKeyUsage {name!r} is unknown; use serverAuth, clientAuth, "
-                             "codeSigning, emailProtection, timeStamping, ocspSigning or a "
-                             "dotted OID")
-        out[oid or _oid(name, "extKeyUsage")] = None
+        if oid is None:
+            if not name[:1].isdigit():
+                raise BadRequest(f"extKeyUsage {name!r} is unknown; use serverAuth, clientAuth, "
+                                 "codeSigning, emailProtection, timeStamping, ocspSigning or a "
+                                 "dotted OID")
+            oid = _oid(name, "extKeyUsage")
+        out[oid] = None
     return tuple(out)
 
 

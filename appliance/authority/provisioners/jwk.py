@@ -21,6 +21,7 @@ from appliance.authority.claims import Claims
 from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
 from appliance.config import JwkProvisionerConfig
 from appliance.errors import BadRequest, Unauthorized
+from appliance.issuance.templates import X509Template
 
 LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_LIFETIME = 300
@@ -37,13 +38,19 @@ class TokenClaims:
     sans: tuple[str, ...]
     jti: str
     expires_at: datetime
+    raw: dict[str, Any]
 
 
 class JwkProvisioner:
     type = "JWK"
 
-    def __init__(self, config: JwkProvisionerConfig, claims: Claims) -> None:
+    def __init__(self, config: JwkProvisionerConfig, claims: Claims,
+                 template: X509Template | None = None) -> None:
         self.config = config
+        self.template = template  # None: the built-in leaf description (fast path)
+        x509_options = config.options.x509 if config.options else None
+        self.template_data: dict[str, Any] = (
+            dict(x509_options.template_data or {}) if x509_options else {})
         self.name = config.name
         self.kid = str(config.key["kid"])
         self.claims = claims
@@ -100,7 +107,7 @@ class JwkProvisioner:
             raise BadRequest("token sans must be a list of strings")
         return TokenClaims(
             provisioner=self.name, subject=subject, sans=tuple(raw_sans), jti=jti,
-            expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC))
+            expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC), raw=claims)
 
     def public_json(self) -> dict[str, Any]:
         return self.config.model_dump(by_alias=True, exclude_none=True)
