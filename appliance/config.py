@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from appliance.config_policy import PolicyConfig
 from appliance.durations import parse_duration
 from appliance.errors import ConfigError
 
@@ -88,6 +89,7 @@ class JwkProvisionerConfig(_Model):
     encrypted_key: str | None = Field(None, alias="encryptedKey")
     claims: ClaimsConfig | None = None
     options: ProvisionerOptions | None = None
+    policy: PolicyConfig | None = None
 
     @field_validator("key")
     @classmethod
@@ -108,6 +110,7 @@ ProvisionerConfig = JwkProvisionerConfig
 class AuthorityConfig(_Model):
     provisioners: list[ProvisionerConfig] = Field(default_factory=list)
     claims: ClaimsConfig | None = None
+    policy: PolicyConfig | None = None
     backdate: str = "1m"
 
     @field_validator("backdate")

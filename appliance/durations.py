@@ -27,7 +27,10 @@ def parse_duration(text: str) -> timedelta:
         pos = m.end()
     if pos != len(s) or not s:
         raise ValueError(f"invalid duration {text!r} (use forms like 5m, 24h, 1h30m)")
-    return timedelta(seconds=sign * total)
+    try:
+        return timedelta(seconds=sign * total)
+    except OverflowError:
+        raise ValueError(f"duration {text[:40]!r} is out of range") from None
 
 
 def format_duration(value: timedelta) -> str:

@@ -70,6 +70,13 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[STATE].config.max_body_bytes
         response = error_body(413, f"request body is larger than {limit} bytes")
+    except web.HTTPNotFound:
+        response = error_body(404, f"no such endpoint: {request.method} {request.path[:200]}")
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        response = error_body(405, f"method {request.method} is not allowed on "
+                                   f"{request.path[:200]}; use {allowed}")
+        response.headers["Allow"] = allowed
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -88,9 +95,13 @@ async def read_json(request: web.Request) -> Any:
     body = await request.read()
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {getattr(e, 'msg', 'bad encoding')}"
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e.msg} at position {e.pos}"
                          ) from None
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid JSON: it is not UTF-8") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: it is nested too deeply") from None
 
 
 def tls_options(config: CaConfig) -> dict[str, Any]:

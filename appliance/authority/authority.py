@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from appliance.authority.claims import Claims
 from appliance.authority.csr import parse_csr_pem
 from appliance.authority.lifecycle import RevokeRequest, parse_serial
+from appliance.authority.policy import X509NamePolicy
 from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
 from appliance.config import CaConfig, ProvisionerConfig, resolve_path
 from appliance.durations import parse_duration
@@ -44,6 +45,8 @@ from appliance.storage import (
 log = structlog.get_logger("appliance.authority")
 
 REFUSED_ALGS = {"none", "HS256", "HS384", "HS512"}
+# Certificate times are bounded long before datetime arithmetic could overflow.
+MAX_TIME_OFFSET = timedelta(days=365 * 100)
 MAX_CN_LENGTH = 64
 
 
@@ -80,9 +83,13 @@ def parse_time_or_duration(untrusted: str, field: str, now: datetime) -> datetim
     """step's TimeDuration: an RFC 3339 time, or a duration from now such as "1h" or "+90m"."""
     value = untrusted.strip()
     try:
-        return now + parse_duration(value)
+        delta = parse_duration(value)
     except ValueError:
-        pass
+        delta = None
+    if delta is not None:
+        if abs(delta) > MAX_TIME_OFFSET:
+            raise BadRequest(f"{field} {untrusted[:40]!r} is too far from now")
+        return now + delta
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -90,7 +97,10 @@ def parse_time_or_duration(untrusted: str, field: str, now: datetime) -> datetim
                          ) from None
     if parsed.tzinfo is None:
         raise BadRequest(f"{field} must carry a time zone (e.g. Z)")
-    return parsed.astimezone(UTC)
+    parsed = parsed.astimezone(UTC)
+    if abs(parsed - now) > MAX_TIME_OFFSET:
+        raise BadRequest(f"{field} {untrusted[:40]!r} is too far from now")
+    return parsed
 
 
 def audiences_for(config: CaConfig, path: str) -> list[str]:
@@ -145,6 +155,7 @@ class Authority:
                                        load_template(p, self.home))
                         for p in config.authority.provisioners]
         self.config = config
+        self.policy = X509NamePolicy.of(config.authority.policy)
         self.claims = global_claims
         self.backdate = parse_duration(config.authority.backdate)
         self.provisioners = provisioners
@@ -156,6 +167,14 @@ class Authority:
         self._crl_dp = (x509.CRLDistributionPoints([x509.DistributionPoint(
             full_name=[x509.UniformResourceIdentifier(config.crl_url())], relative_name=None,
             reasons=None, crl_issuer=None)]) if config.crl.enabled else None)
+
+    def check_policy(self, provisioner: JwkProvisioner, subject: x509.Name,
+                     sans: tuple[x509.GeneralName, ...]) -> None:
+        """The names must pass the authority's policy and the provisioner's; deny wins."""
+        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else None
+        self.policy.check(cn, sans)
+        provisioner.policy.check(cn, sans)
 
     def provisioner_named(self, name: str) -> JwkProvisioner | None:
         return next((p for p in self.provisioners if p.name == name), None)
@@ -248,6 +267,7 @@ class Authority:
                     x509.Extension(dp.oid, False, dp),)
             extensions += desc.extensions
 
+        self.check_policy(provisioner, subject, sans)
         issued = await self.issuer.issue(IssuanceRequest(
             subject=subject,
             sans=sans,
@@ -320,6 +340,7 @@ class Authority:
                 x509.KeyUsage).value
         except x509.ExtensionNotFound:
             ku = None
+        self.check_policy(provisioner, cert.subject, sans)
         public_key = new_public_key or cert.public_key()
         if new_public_key is not None:
             ku = None  # keyEncipherment follows the new key's type

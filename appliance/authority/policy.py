@@ -121,7 +121,7 @@ def _read_uri(value: str) -> _Uri | None:
     host_port = authority.rpartition("@")[2]
     if host_port.startswith("["):
         literal, bracket, port = host_port[1:].partition("]")
-        if not bracket or not (port == "" or port.startswith(":") and _PORT.fullmatch(port[1:])):
+        if not bracket or not (port == "" or (port[0] == ":" and _PORT.fullmatch(port[1:]))):
             return None
         try:
             ipaddress.IPv6Address(literal)
@@ -200,9 +200,10 @@ def _shown(value: str) -> str:
 class _Domains:
     """Exact names and subtrees, each mapped to the entry as the operator wrote it."""
 
-    __slots__ = ("below", "exact", "exact_by_parent")
+    __slots__ = ("any_depth", "below", "exact", "exact_by_parent")
 
-    def __init__(self) -> None:
+    def __init__(self, any_depth: bool) -> None:
+        self.any_depth = any_depth
         self.exact: dict[str, str] = {}
         self.below: dict[str, str] = {}
         self.exact_by_parent: dict[str, str] = {}
@@ -218,7 +219,12 @@ class _Domains:
         return bool(self.exact or self.below)
 
     def match(self, name: str) -> str | None:
-        """The entry matching a lowercase domain (a '*' first label counts as a label)."""
+        """The entry matching a lowercase domain (a '*' first label counts as a label).
+
+        On the allow side '*.example.com' covers exactly one label below example.com, as in
+        step-ca, so a migrated allow rule never admits more here than it did there. On the
+        deny side it covers every depth: a deny rule is never weaker than it reads.
+        """
         hit = self.exact.get(name)
         if hit is not None or not self.below:
             return hit
@@ -226,7 +232,7 @@ class _Domains:
         while dot >= 0:
             name = name[dot + 1:]
             hit = self.below.get(name)
-            if hit is not None:
+            if hit is not None or not self.any_depth:
                 return hit
             dot = name.find(".")
         return None
@@ -239,14 +245,14 @@ class _Domains:
 class _Side:
     """One side (allow or deny) of a policy, compiled."""
 
-    def __init__(self, options: X509NameOptions | None) -> None:
+    def __init__(self, options: X509NameOptions | None, *, any_depth: bool) -> None:
         self.cn_exact: dict[str, str] = {}
         self.cn_exact_by_parent: dict[str, str] = {}
-        self.cn_domains = _Domains()
-        self.dns = _Domains()
-        self.uri = _Domains()
+        self.cn_domains = _Domains(any_depth)
+        self.dns = _Domains(any_depth)
+        self.uri = _Domains(any_depth)
         self.mailboxes: dict[tuple[str, str], str] = {}
-        self.mail_domains = _Domains()
+        self.mail_domains = _Domains(any_depth)
         self.ipv4: list[tuple[IPNetwork, str]] = []
         self.ipv6: list[tuple[IPNetwork, str]] = []
         if options is None:
@@ -316,8 +322,8 @@ class X509NamePolicy:
         self._active = config is not None and config.has_rules()
         self._allow_wildcards = config is None or config.allow_wildcard_names
         try:
-            self._allow = _Side(config.allow if config else None)
-            self._deny = _Side(config.deny if config else None)
+            self._allow = _Side(config.allow if config else None, any_depth=False)
+            self._deny = _Side(config.deny if config else None, any_depth=True)
         except ValueError as e:  # only reachable for a config built without validation
             raise ConfigError(str(e)) from None
         self._allow_any = config is not None and config.allow is not None \

@@ -29,6 +29,7 @@ from appliance.cli.main import (
     read_secret,
     root_option,
     run,
+    write_files,
 )
 from appliance.client import CaClient, make_csr
 from appliance.durations import parse_duration
@@ -57,18 +58,7 @@ def load_pair(crt_file: Path, key_file: Path) -> tuple[x509.Certificate, Private
 
 def replace_file(path: Path, data: bytes, mode: int) -> None:
     """Atomically replace `path` (readers see the old or the new file), keeping `mode`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_files([(path, data, mode)])
 
 
 def confirm_overwrite(path: Path, force: bool) -> None:
@@ -238,10 +228,12 @@ def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force
     csr = make_csr(new_key, str(cn[0].value) if cn else "", sans)
     mtls = CaClient(client.ca_url, root or client_root(client), (crt_file, key_file))
     chain = run(mtls.rekey(csr))
-    replace_file(key_file, new_key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()), 0o600)
-    replace_file(crt_file, _chain_pem(chain), 0o644)
+    write_files([
+        (key_file, new_key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), 0o600),
+        (crt_file, _chain_pem(chain), 0o644),
+    ])
     click.echo(f"Your certificate has been saved in {crt_file}.")
     click.echo(f"Your private key has been saved in {key_file}.")
 

@@ -74,23 +74,48 @@ def client_from(ca_url: str | None, root: Path | None) -> tuple[CaClient, Defaul
     return CaClient(url, root_path), defaults
 
 
-def write_private(path: Path, data: bytes, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
+def check_writable(*paths: Path, force: bool) -> None:
+    """Before asking the CA for anything: refuse what could not be written afterwards."""
+    for path in paths:
+        if path.exists() and not force:
+            raise BadRequest(f"{path} already exists; use --force to overwrite it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise BadRequest(f"cannot write {path}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise BadRequest(f"cannot write {path}: directory {parent} is not writable")
+
+
+def write_files(files: list[tuple[Path, bytes, int]]) -> None:
+    """Write each file to a temporary sibling first, then rename them all into place.
+
+    A failure while writing leaves none of the new files behind; the renames that follow are
+    atomic each.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise BadRequest(f"{path} already exists; use --force to overwrite it") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            except OSError as e:
+                raise BadRequest(f"cannot write {path}: {e.strerror}") from None
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def write_public(path: Path, data: bytes, force: bool) -> None:
-    if path.exists() and not force:
-        raise BadRequest(f"{path} already exists; use --force to overwrite it")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    check_writable(path, force=force)
+    write_files([(path, data, 0o644)])
 
 
 ca_url_option = click.option("--ca-url", help="URL of the CA (default: from defaults.json).")
@@ -309,9 +334,7 @@ def certificate(subject: str, crt_file: Path, key_file: Path, ott: str | None,
                 force: bool, ca_url: str | None, root: Path | None) -> None:
     """Generate a key locally and get a certificate for SUBJECT (CRT holds leaf + intermediate)."""
     client, defaults = client_from(ca_url, root)
-    for path in (crt_file, key_file):
-        if path.exists() and not force:
-            raise BadRequest(f"{path} already exists; use --force to overwrite it")
+    check_writable(crt_file, key_file, force=force)
     names = list(sans) or [subject]
     if ott:
         claims = token_claims_unverified(ott)
@@ -325,10 +348,12 @@ def certificate(subject: str, crt_file: Path, key_file: Path, ott: str | None,
         return await client.sign(csr, token_, not_before, not_after)
 
     chain = run(go())
-    write_private(key_file, key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()), force)
-    write_public(crt_file, _chain_pem(chain), force)
+    write_files([
+        (key_file, key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()), 0o600),
+        (crt_file, _chain_pem(chain), 0o644),
+    ])
     click.echo(f"Your certificate has been saved in {crt_file}.")
     click.echo(f"Your private key has been saved in {key_file}.")
 
@@ -354,6 +379,7 @@ def sign(csr_file: Path, crt_file: Path, ott: str | None, provisioner: str | Non
     from appliance.issuance.names import san_to_text, sans_of
 
     client, defaults = client_from(ca_url, root)
+    check_writable(crt_file, force=force)
     try:
         csr = parse_csr_pem(csr_file.read_text())
     except UnicodeDecodeError:

@@ -116,6 +116,34 @@ claims_options = [
 ]
 
 
+POLICY_KINDS = ("cn", "dns", "ip", "email", "uri")
+
+
+def policy_options(f: Any) -> Any:
+    for side in ("deny", "allow"):
+        for kind in reversed(POLICY_KINDS):
+            f = click.option(f"--x509-{side}-{kind}", f"{side}_{kind}", multiple=True,
+                             help=f"Name policy: {side} this {kind} pattern (repeatable).")(f)
+    return click.option("--x509-allow-wildcard-names/--x509-deny-wildcard-names",
+                        "allow_wildcards", default=None,
+                        help="Name policy: allow wildcard DNS names.")(f)
+
+
+def _apply_policy(entry: dict[str, Any], allow_wildcards: bool | None,
+                  values: dict[str, tuple[str, ...]]) -> None:
+    if allow_wildcards is None and not any(values.values()):
+        return
+    x509_policy = entry.setdefault("policy", {}).setdefault("x509", {})
+    for side in ("allow", "deny"):
+        for kind in POLICY_KINDS:
+            extra = list(values.get(f"{side}_{kind}", ()))
+            if extra:
+                rules = x509_policy.setdefault(side, {}).setdefault(kind, [])
+                rules.extend(x for x in extra if x not in rules)
+    if allow_wildcards is not None:
+        x509_policy["allowWildcardNames"] = allow_wildcards
+
+
 def _apply_template(entry: dict[str, Any], template: Path | None, data: Path | None) -> None:
     if template is None and data is None:
         return
@@ -156,12 +184,14 @@ def provisioner() -> None:
 @click.option("--password-file", type=click.Path(path_type=Path),
               help="Password that encrypts the provisioner key.")
 @with_claims_options
+@policy_options
 def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
                     private_key: Path | None, password_file: Path | None,
                     x509_min_dur: str | None, x509_max_dur: str | None,
                     x509_default_dur: str | None, disable_renewal: bool | None,
                     allow_after_expiry: bool | None, x509_template: Path | None,
-                    x509_template_data: Path | None, ca_config: Path | None) -> None:
+                    x509_template_data: Path | None, ca_config: Path | None,
+                    allow_wildcards: bool | None, **policy: tuple[str, ...]) -> None:
     """Add a provisioner."""
     path = _config_path(ca_config)
     data = load_config(path).to_json()
@@ -174,6 +204,7 @@ def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
     if claims:
         entry["claims"] = claims
     _apply_template(entry, x509_template, x509_template_data)
+    _apply_policy(entry, allow_wildcards, policy)
     data["authority"].setdefault("provisioners", []).append(entry)
     _save(path, data)
 
@@ -185,12 +216,14 @@ def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
 @click.option("--public-key", type=click.Path(path_type=Path, exists=True))
 @click.option("--private-key", type=click.Path(path_type=Path, exists=True))
 @with_claims_options
+@policy_options
 def provisioner_update(name: str, password_file: Path | None, create: bool,
                        public_key: Path | None, private_key: Path | None,
                        x509_min_dur: str | None, x509_max_dur: str | None,
                        x509_default_dur: str | None, disable_renewal: bool | None,
                        allow_after_expiry: bool | None, x509_template: Path | None,
-                       x509_template_data: Path | None, ca_config: Path | None) -> None:
+                       x509_template_data: Path | None, ca_config: Path | None,
+                       allow_wildcards: bool | None, **policy: tuple[str, ...]) -> None:
     """Change a provisioner's claims, key or template."""
     path = _config_path(ca_config)
     data = load_config(path).to_json()
@@ -206,6 +239,7 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
     if claims:
         entry["claims"] = claims
     _apply_template(entry, x509_template, x509_template_data)
+    _apply_policy(entry, allow_wildcards, policy)
     _save(path, data)
 
 

@@ -18,6 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from appliance.authority.claims import Claims
+from appliance.authority.policy import X509NamePolicy
 from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
 from appliance.config import JwkProvisionerConfig
 from appliance.errors import BadRequest, Unauthorized
@@ -48,6 +49,7 @@ class JwkProvisioner:
                  template: X509Template | None = None) -> None:
         self.config = config
         self.template = template  # None: the built-in leaf description (fast path)
+        self.policy = X509NamePolicy.of(config.policy)
         x509_options = config.options.x509 if config.options else None
         self.template_data: dict[str, Any] = (
             dict(x509_options.template_data or {}) if x509_options else {})
