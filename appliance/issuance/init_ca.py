@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import UTC, datetime
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from appliance.config import (
     Defaults,
     JwkProvisionerConfig,
     KmsConfig,
+    resolve_path,
     write_config,
 )
 from appliance.errors import ConfigError
 from appliance.issuance.ca_certs import build_intermediate, build_root, fingerprint, pem
+from appliance.storage.sqlite import SqliteStore
 from hsm.keystore import KeySpec
 from hsm.pkcs11_store import Pkcs11KeyStore
 from hsm.softhsm import find_softhsm_module, init_token, token_exists, write_softhsm_conf
@@ -145,6 +148,15 @@ def initialise(opts: InitOptions) -> InitResult:
         authority=AuthorityConfig(provisioners=[provisioner]),
         crl=CrlConfig(enabled=True),
     )
+    db_path = resolve_path(opts.home, config.db.data_source)
+    if opts.force and db_path.exists():
+        # The replaced CA's records are kept, beside the new database, never deleted.
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        for suffix in ("", "-wal", "-shm"):
+            old = db_path.with_name(db_path.name + suffix)
+            if old.exists():
+                old.rename(db_path.with_name(f"{db_path.name}.replaced-{stamp}{suffix}"))
+    SqliteStore.create(db_path)
     write_config(config_path, config)
 
     _, port = config.host_port()

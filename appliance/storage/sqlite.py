@@ -246,6 +246,18 @@ class SqliteStore:
         store._thread.start()
         return store
 
+    @classmethod
+    def create(cls, path: Path) -> None:
+        """Create and migrate the database without starting a writer (used by init)."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = cls(path)
+        try:
+            store._migrate()
+        except OperationalError as e:
+            raise StorageError(f"cannot create the database {path}: {e.orig}") from None
+        finally:
+            store._engine.dispose()
+
     @staticmethod
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN IMMEDIATE instead of pysqlite's implicit BEGIN.
