@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from datetime import UTC, datetime
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.authority.provisioners.jwk_keys import (
