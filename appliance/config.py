@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -104,7 +104,46 @@ class JwkProvisionerConfig(_Model):
         return key
 
 
-ProvisionerConfig = JwkProvisionerConfig
+ChallengeType = Literal["http-01", "dns-01", "tls-alpn-01"]
+
+
+def _all_challenges() -> list[ChallengeType]:
+    return ["http-01", "dns-01", "tls-alpn-01"]
+
+
+class AcmeProvisionerConfig(_Model):
+    type: Literal["ACME"]
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    challenges: list[ChallengeType] = Field(default_factory=_all_challenges)
+    require_eab: bool = Field(False, alias="requireEAB")
+    force_cn: bool = Field(False, alias="forceCN")
+    terms_of_service: str | None = Field(None, alias="termsOfService")
+    claims: ClaimsConfig | None = None
+    options: ProvisionerOptions | None = None
+    policy: PolicyConfig | None = None
+
+    @field_validator("challenges")
+    @classmethod
+    def _some_challenge(cls, value: list[ChallengeType]) -> list[ChallengeType]:
+        if not value:
+            raise ValueError("an ACME provisioner needs at least one challenge type")
+        return value
+
+
+ProvisionerConfig = Annotated[JwkProvisionerConfig | AcmeProvisionerConfig,
+                              Field(discriminator="type")]
+
+
+class AcmeServerConfig(_Model):
+    """Where the CA validates challenges (Pebble-like ports for tests) and how much at once."""
+
+    http_port: int = Field(80, alias="httpPort", ge=1, le=65535)
+    tls_port: int = Field(443, alias="tlsPort", ge=1, le=65535)
+    validation_timeout: str = Field("10s", alias="validationTimeout")
+    max_concurrent_validations: int = Field(16, alias="maxConcurrentValidations", ge=1, le=1024)
+    order_lifetime: str = Field("24h", alias="orderLifetime")
+
+    _dur = field_validator("validation_timeout", "order_lifetime")(_check_duration)
 
 
 class AuthorityConfig(_Model):
@@ -125,7 +164,7 @@ class AuthorityConfig(_Model):
     def _known_types(cls, value: Any) -> Any:
         if isinstance(value, list):
             for i, p in enumerate(value):
-                if isinstance(p, dict) and p.get("type") not in ("JWK",):
+                if isinstance(p, dict) and p.get("type") not in ("JWK", "ACME"):
                     raise ValueError(f"provisioner {i}: unsupported type {p.get('type')!r}")
         return value
 
@@ -135,7 +174,7 @@ class AuthorityConfig(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"provisioner names must be unique: {sorted(dup)}")
-        kids = [p.key["kid"] for p in self.provisioners]
+        kids = [p.key["kid"] for p in self.provisioners if isinstance(p, JwkProvisionerConfig)]
         if len(set(kids)) != len(kids):
             raise ValueError("two provisioners share one key id")
         return self
@@ -237,6 +276,7 @@ class CaConfig(_Model):
     authority: AuthorityConfig = Field(default_factory=AuthorityConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     crl: CrlConfig = Field(default_factory=CrlConfig)
+    acme: AcmeServerConfig = Field(default_factory=AcmeServerConfig)
     workers: int = Field(0, ge=0, le=64)
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
 

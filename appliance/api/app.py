@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from appliance import __version__
 from appliance.authority.authority import Authority, SignRequest
 from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
+from appliance.authority.provisioners.jwk import JwkProvisioner
 from appliance.config import CIPHER_SUITES, CaConfig
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
@@ -159,11 +160,12 @@ async def provisioners(request: web.Request) -> web.Response:
         raise BadRequest("limit must be a whole number") from None
     if not 1 <= limit <= 100:
         raise BadRequest("limit must be between 1 and 100")
-    items = sorted(state.authority.provisioners, key=lambda p: p.kid)
+    items = sorted(state.authority.provisioners, key=lambda p: p.credential_id)
     cursor = request.query.get("cursor", "")
-    start = next((i for i, p in enumerate(items) if p.kid >= cursor), len(items)) if cursor else 0
+    start = next((i for i, p in enumerate(items) if p.credential_id >= cursor),
+                 len(items)) if cursor else 0
     page = items[start:start + limit]
-    next_cursor = items[start + limit].kid if start + limit < len(items) else ""
+    next_cursor = items[start + limit].credential_id if start + limit < len(items) else ""
     return web.json_response({"provisioners": [p.public_json() for p in page],
                               "nextCursor": next_cursor})
 
@@ -171,7 +173,7 @@ async def provisioners(request: web.Request) -> web.Response:
 async def encrypted_key(request: web.Request) -> web.Response:
     kid = request.match_info["kid"]
     for p in request.app[STATE].authority.provisioners:
-        if p.kid == kid and p.config.encrypted_key:
+        if isinstance(p, JwkProvisioner) and p.kid == kid and p.config.encrypted_key:
             return web.json_response({"key": p.config.encrypted_key})
     raise NotFound("encrypted key not found")
 

@@ -22,8 +22,10 @@ from appliance.authority.claims import Claims
 from appliance.authority.csr import parse_csr_pem
 from appliance.authority.lifecycle import RevokeRequest, parse_serial
 from appliance.authority.policy import X509NamePolicy
+from appliance.authority.provisioners.acme import AcmeProvisioner
+from appliance.authority.provisioners.base import Provisioner
 from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
-from appliance.config import CaConfig, ProvisionerConfig, resolve_path
+from appliance.config import CaConfig, JwkProvisionerConfig, ProvisionerConfig, resolve_path
 from appliance.durations import parse_duration
 from appliance.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
 from appliance.issuance.ca_certs import fingerprint
@@ -135,6 +137,13 @@ def load_template(provisioner: ProvisionerConfig, home: Path) -> X509Template | 
     return template
 
 
+def build_provisioner(config: ProvisionerConfig, claims: Claims,
+                      template: X509Template | None) -> Provisioner:
+    if isinstance(config, JwkProvisionerConfig):
+        return JwkProvisioner(config, claims, template)
+    return AcmeProvisioner(config, claims, template)
+
+
 class Authority:
     def __init__(
         self, config: CaConfig, issuer: Issuer, root: x509.Certificate, store: Store,
@@ -151,15 +160,15 @@ class Authority:
     def reload(self, config: CaConfig) -> None:
         """Swap in a new validated configuration (provisioners, claims, audiences)."""
         global_claims = Claims().merged(config.authority.claims)
-        provisioners = [JwkProvisioner(p, global_claims.merged(p.claims),
-                                       load_template(p, self.home))
+        provisioners = [build_provisioner(p, global_claims.merged(p.claims),
+                                          load_template(p, self.home))
                         for p in config.authority.provisioners]
         self.config = config
         self.policy = X509NamePolicy.of(config.authority.policy)
         self.claims = global_claims
         self.backdate = parse_duration(config.authority.backdate)
         self.provisioners = provisioners
-        self._by_kid = {p.kid: p for p in provisioners}
+        self._by_kid = {p.kid: p for p in provisioners if isinstance(p, JwkProvisioner)}
         self.sign_audiences = audiences_for(config, "/sign")
         self.revoke_audiences = audiences_for(config, "/revoke")
         self.renew_audiences = audiences_for(config, "/renew")
@@ -168,7 +177,7 @@ class Authority:
             full_name=[x509.UniformResourceIdentifier(config.crl_url())], relative_name=None,
             reasons=None, crl_issuer=None)]) if config.crl.enabled else None)
 
-    def check_policy(self, provisioner: JwkProvisioner, subject: x509.Name,
+    def check_policy(self, provisioner: Provisioner, subject: x509.Name,
                      sans: tuple[x509.GeneralName, ...]) -> None:
         """The names must pass the authority's policy and the provisioner's; deny wins."""
         cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -176,14 +185,15 @@ class Authority:
         self.policy.check(cn, sans)
         provisioner.policy.check(cn, sans)
 
-    def provisioner_named(self, name: str) -> JwkProvisioner | None:
+    def provisioner_named(self, name: str) -> Provisioner | None:
         return next((p for p in self.provisioners if p.name == name), None)
 
-    def common_extensions(self, provisioner: JwkProvisioner
+    def common_extensions(self, provisioner: Provisioner
                           ) -> tuple[x509.Extension[x509.ExtensionType], ...]:
         """What every certificate carries: who authorised it, and where its CRL is."""
         exts: list[x509.Extension[x509.ExtensionType]] = [
-            provisioner_extension(provisioner.type, provisioner.name, provisioner.kid)]
+            provisioner_extension(provisioner.type, provisioner.name,
+                                  provisioner.credential_id)]
         if self._crl_dp is not None:
             exts.append(x509.Extension(self._crl_dp.oid, False, self._crl_dp))
         return tuple(exts)
@@ -296,7 +306,7 @@ class Authority:
         return record
 
     async def _renewable(self, cert: x509.Certificate, *, allow_expired: bool
-                         ) -> tuple[CertificateRecord, JwkProvisioner]:
+                         ) -> tuple[CertificateRecord, Provisioner]:
         record = await self.recorded(cert)
         if await self.store.get_revocation(cert.serial_number) is not None:
             raise Unauthorized("the certificate has been revoked")

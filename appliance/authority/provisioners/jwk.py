@@ -18,7 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from appliance.authority.claims import Claims
-from appliance.authority.policy import X509NamePolicy
+from appliance.authority.provisioners.base import Provisioner
 from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
 from appliance.config import JwkProvisionerConfig
 from appliance.errors import BadRequest, Unauthorized
@@ -42,20 +42,14 @@ class TokenClaims:
     raw: dict[str, Any]
 
 
-class JwkProvisioner:
+class JwkProvisioner(Provisioner):
     type = "JWK"
+    config: JwkProvisionerConfig
 
     def __init__(self, config: JwkProvisionerConfig, claims: Claims,
                  template: X509Template | None = None) -> None:
-        self.config = config
-        self.template = template  # None: the built-in leaf description (fast path)
-        self.policy = X509NamePolicy.of(config.policy)
-        x509_options = config.options.x509 if config.options else None
-        self.template_data: dict[str, Any] = (
-            dict(x509_options.template_data or {}) if x509_options else {})
-        self.name = config.name
+        super().__init__(config, claims, template)
         self.kid = str(config.key["kid"])
-        self.claims = claims
         self.alg = jwk_alg(config.key)
         self._key = jwt.PyJWK(dict(config.key), algorithm=self.alg)
 
@@ -111,8 +105,9 @@ class JwkProvisioner:
             provisioner=self.name, subject=subject, sans=tuple(raw_sans), jti=jti,
             expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC), raw=claims)
 
-    def public_json(self) -> dict[str, Any]:
-        return self.config.model_dump(by_alias=True, exclude_none=True)
+    @property
+    def credential_id(self) -> str:
+        return self.kid
 
 
 @dataclass(frozen=True)
