@@ -237,35 +237,56 @@ class Authority:
                 raise Forbidden(f"certificate request name {san_to_text(name)!r} is not among "
                                 f"the token's names {list(token.sans)}")
 
+        not_before, not_after = self.validity(provisioner, request.untrusted_not_before,
+                                              request.untrusted_not_after)
+        issued = await self.describe_and_issue(
+            provisioner, csr,
+            subject_cn=token.subject, sans=tuple(token_sans), san_texts=token.sans,
+            token_claims=token.raw, user_data=request.untrusted_template_data or {},
+            not_before=not_before, not_after=not_after,
+            token_use=TokenUse(provisioner.name, token.jti, token.expires_at))
+        return issued, provisioner.name
+
+    def validity(self, provisioner: Provisioner, untrusted_not_before: str | None,
+                 untrusted_not_after: str | None) -> tuple[datetime, datetime]:
+        """Requested (or default) validity, checked against the provisioner's claims."""
         now = datetime.fromtimestamp(self._clock(), UTC).replace(microsecond=0)
-        not_before = (parse_time_or_duration(request.untrusted_not_before, "notBefore", now)
-                      if request.untrusted_not_before else now)
-        not_after = (parse_time_or_duration(request.untrusted_not_after, "notAfter", not_before)
-                     if request.untrusted_not_after
+        not_before = (parse_time_or_duration(untrusted_not_before, "notBefore", now)
+                      if untrusted_not_before else now)
+        not_after = (parse_time_or_duration(untrusted_not_after, "notAfter", not_before)
+                     if untrusted_not_after
                      else not_before + provisioner.claims.default_duration)
         if not_after <= not_before:
             raise BadRequest("notAfter must be after notBefore")
         provisioner.claims.check_duration(not_after - not_before)
-        if not request.untrusted_not_before:
+        if not untrusted_not_before:
             not_before -= self.backdate  # absorb clock skew of relying parties
         if not_after > self.issuer.certificate.not_valid_after_utc:
             raise BadRequest("requested notAfter is after the intermediate certificate expires")
-        if not_before < now - timedelta(days=1) and request.untrusted_not_before:
+        if not_before < now - timedelta(days=1) and untrusted_not_before:
             raise BadRequest("notBefore may not be more than a day in the past")
+        return not_before, not_after
 
+    async def describe_and_issue(
+        self, provisioner: Provisioner, csr: x509.CertificateSigningRequest, *,
+        subject_cn: str | None, sans: tuple[x509.GeneralName, ...], san_texts: tuple[str, ...],
+        token_claims: dict[str, Any], user_data: dict[str, Any], not_before: datetime,
+        not_after: datetime, token_use: TokenUse | None,
+    ) -> IssuedCertificate:
+        """Template (or the default leaf), then policy, then the issuer: every path ends here."""
         extensions = self.common_extensions(provisioner)
         if provisioner.template is None:
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.subject)])
-            sans: tuple[x509.GeneralName, ...] = tuple(token_sans)
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]
+                                if subject_cn else [])
             key_usage: x509.KeyUsage | None = None
             eku = IssuanceRequest.ext_key_usage
         else:
+            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             desc = provisioner.template.render(TemplateData(
-                subject=token.subject, sans=token.sans, token=token.raw,
+                subject=subject_cn or "", sans=san_texts, token=token_claims,
                 csr_subject=str(cns[0].value) if cns else None,
                 csr_sans=tuple(san_to_text(n) for n in sans_of(csr)),
-                user=request.untrusted_template_data or {},
-                provisioner_data=provisioner.template_data))
+                user=user_data, provisioner_data=provisioner.template_data))
             subject, sans, key_usage = desc.subject, desc.sans, desc.key_usage
             eku = desc.ext_key_usage or IssuanceRequest.ext_key_usage
             if desc.crl_distribution_points:  # the template's CRL location replaces ours
@@ -278,19 +299,18 @@ class Authority:
             extensions += desc.extensions
 
         self.check_policy(provisioner, subject, sans)
-        issued = await self.issuer.issue(IssuanceRequest(
+        return await self.issuer.issue(IssuanceRequest(
             subject=subject,
             sans=sans,
             public_key=csr.public_key(),
             not_before=not_before,
             not_after=not_after,
             provisioner=provisioner.name,
-            token_use=TokenUse(provisioner.name, token.jti, token.expires_at),
+            token_use=token_use,
             key_usage=key_usage,
             ext_key_usage=eku,
             extra_extensions=extensions,
         ))
-        return issued, provisioner.name
 
     # -- lifecycle of an issued certificate --------------------------------------------------
     async def recorded(self, cert: x509.Certificate) -> CertificateRecord:

@@ -51,6 +51,7 @@ from appliance.storage import (
     RevocationRecord,
     TokenReused,
 )
+from appliance.storage import acme as acme_storage
 
 T = TypeVar("T")
 
@@ -155,10 +156,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 der BLOB)""",
         ],
     ),
+    (3, acme_storage.MIGRATION),
 ]
 
 MAX_BATCH = 256
-EXPECTED_REFUSALS = (TokenReused, StorageError, AlreadyRevoked, CertificateUnknown)
+EXPECTED_REFUSALS = (TokenReused, StorageError, AlreadyRevoked, CertificateUnknown,
+                     acme_storage.AcmeConflict)
 
 # Built once: constructing a statement per call costs more CPU than executing it.
 _INSERT_TOKEN = insert(used_tokens)
@@ -348,6 +351,10 @@ class SqliteStore:
                 except Exception as e:
                     raise _UnexpectedOpFailure() from e
         return results
+
+    async def run_op(self, fn: Callable[[Connection], T]) -> T:
+        """Run one storage operation (e.g. from appliance.storage.acme) in the writer."""
+        return await self._submit(fn)
 
     async def _submit(self, fn: Callable[[Connection], T]) -> T:
         if self._closed:
