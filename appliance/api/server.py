@@ -30,13 +30,16 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.api.app import ApiState, create_app, create_insecure_app
 from appliance.api.tls import issue_server_certificate, load_chain, server_context
 from appliance.config import CaConfig, load_config
+from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
 from appliance.runtime import Runtime, open_runtime
+from appliance.storage import acme as acme_storage
 
 log = structlog.get_logger("appliance.server")
 
@@ -56,13 +59,14 @@ class ServeOptions:
 
 
 # -- worker -------------------------------------------------------------------------------------
-def worker_main(index: int, config_path: str, log_format: str, control: Conn) -> None:
+def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
+                control: Conn) -> None:
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
     configure_logging(log_format)
     structlog.contextvars.bind_contextvars(worker=index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     try:
-        code = asyncio.run(_worker(index, Path(config_path), control))
+        code = asyncio.run(_worker(index, Path(config_path), resolver, control))
     except ApplianceError as e:
         with contextlib.suppress(OSError):
             control.send(("error", e.message))
@@ -75,7 +79,7 @@ def worker_main(index: int, config_path: str, log_format: str, control: Conn) ->
     os._exit(code)
 
 
-async def _worker(index: int, config_path: Path, control: Conn) -> int:
+async def _worker(index: int, config_path: Path, resolver: str | None, control: Conn) -> int:
     loop = asyncio.get_running_loop()
     kind, pin, chain, key_pem = control.recv()
     assert kind == "start"
@@ -86,6 +90,12 @@ async def _worker(index: int, config_path: Path, control: Conn) -> int:
     state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
                      intermediates=[runtime.intermediate])
     app = create_app(state)
+    acme_state = AcmeState(
+        authority=runtime.authority, store=runtime.store,
+        settings=validation_settings(runtime.config, resolver),
+        max_concurrent=runtime.config.acme.max_concurrent_validations,
+        order_lifetime=parse_duration(runtime.config.acme.order_lifetime))
+    mount_acme(app, acme_state, runtime.config.max_body_bytes)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = runtime.config.host_port()
@@ -164,6 +174,7 @@ async def _purge_tokens(runtime: Runtime) -> None:
         await asyncio.sleep(TOKEN_PURGE_INTERVAL)
         with contextlib.suppress(ApplianceError):
             await runtime.store.purge_expired_tokens(datetime.now(UTC))
+            await runtime.store.run_op(acme_storage.op_purge(int(time.time())))
 
 
 # -- supervisor ---------------------------------------------------------------------------------
@@ -231,7 +242,8 @@ class Supervisor:
         parent, child = self._mp.Pipe()
         process = self._mp.Process(
             target=worker_main, name=f"appliance-worker-{index}",
-            args=(index, str(self.options.config_path), self.config.logger.format, child))
+            args=(index, str(self.options.config_path), self.config.logger.format,
+                  self.options.resolver, child))
         process.start()
         child.close()
         worker = _Worker(index, process, parent)

@@ -387,8 +387,10 @@ class Authority:
         csr = parse_csr_pem(untrusted_csr)
         return await self.renew(cert, new_public_key=csr.public_key())
 
-    async def revoke(self, request: RevokeRequest, peer: x509.Certificate | None) -> str:
-        """Revoke by a provisioner's revoke token, or by the certificate itself over mTLS."""
+    async def revoke(self, request: RevokeRequest, peer: x509.Certificate | None,
+                     method: str = "mtls") -> str:
+        """Revoke by a provisioner's revoke token, or by the certificate itself (mTLS, or an
+        ACME revokeCert whose caller has proven the right to it: `method` says which)."""
         if request.untrusted_ott:
             provisioner = self.provisioner_for_token(request.untrusted_ott)
             token = provisioner.verify_token(request.untrusted_ott, self.revoke_audiences,
@@ -401,7 +403,7 @@ class Authority:
             if peer.serial_number != request.serial:
                 raise Unauthorized("over mTLS a certificate can revoke only itself")
             record = await self.recorded(peer)
-            who, method, token_use = record.provisioner, "mtls", None
+            who, token_use = record.provisioner, None
         else:
             raise Unauthorized("revocation needs a revoke token (ott) or the certificate "
                                "itself over mTLS")

@@ -151,12 +151,13 @@ def cli() -> None:
 @click.option("--issuer-token", default="appliance-issuer", show_default=True)
 @click.option("--home", type=click.Path(path_type=Path),
               help="CA home (default: $APPLIANCE_HOME, else ~/.appliance).")
+@click.option("--acme", "with_acme", is_flag=True, help="Also add an ACME provisioner 'acme'.")
 @click.option("--force", is_flag=True, help="Replace an existing CA.")
 def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
          password_file: Path | None, issuer_password_file: Path | None,
          provisioner_password_file: Path | None, kty: str, curve: str | None, size: int | None,
          hsm_module: str | None, root_token: str, issuer_token: str, home: Path | None,
-         force: bool) -> None:
+         with_acme: bool, force: bool) -> None:
     """Create a CA: keys in the token, certificates, ca.json. Prints the root fingerprint last."""
     from appliance.issuance.init_ca import InitOptions, initialise
     from appliance.issuance.names import parse_san
@@ -180,7 +181,8 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
         dns_names=dns_names or ("localhost", "127.0.0.1"), address=address,
         provisioner=provisioner, root_pin=root_pin, issuer_pin=issuer_pin,
         provisioner_password=prov_password.encode(), key_spec=KeySpec.parse(kty, curve, size),
-        module_path=module, root_token=root_token, issuer_token=issuer_token, force=force))
+        module_path=module, root_token=root_token, issuer_token=issuer_token, force=force,
+        acme=with_acme))
     click.echo(f"Root certificate: {result.root_path}")
     click.echo(f"Intermediate certificate: {result.intermediate_path}")
     click.echo(f"Configuration: {result.config_path}")
@@ -408,4 +410,4 @@ def main() -> None:
 
 
 # Commands defined in their own modules register themselves on `cli`.
-from appliance.cli import lifecycle, provisioners  # noqa: E402,F401
+from appliance.cli import acme_admin, lifecycle, provisioners  # noqa: E402,F401

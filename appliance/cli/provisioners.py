@@ -174,8 +174,13 @@ def provisioner() -> None:
 
 @provisioner.command("add")
 @click.argument("name")
-@click.option("--type", "kind", type=click.Choice(["JWK"], case_sensitive=False), default="JWK",
-              show_default=True)
+@click.option("--type", "kind", type=click.Choice(["JWK", "ACME"], case_sensitive=False),
+              default="JWK", show_default=True)
+@click.option("--challenge", "challenges", multiple=True,
+              type=click.Choice(["http-01", "dns-01", "tls-alpn-01"]),
+              help="ACME: challenge types to offer (repeatable; default all three).")
+@click.option("--require-eab", is_flag=True, help="ACME: require external account binding.")
+@click.option("--force-cn", is_flag=True, help="ACME: set the CN from the first name if absent.")
 @click.option("--create", is_flag=True, help="Generate a new key (encrypted with the password).")
 @click.option("--public-key", type=click.Path(path_type=Path, exists=True),
               help="Public JWK file; tokens are then minted elsewhere.")
@@ -185,7 +190,8 @@ def provisioner() -> None:
               help="Password that encrypts the provisioner key.")
 @with_claims_options
 @policy_options
-def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
+def provisioner_add(name: str, kind: str, challenges: tuple[str, ...], require_eab: bool,
+                    force_cn: bool, create: bool, public_key: Path | None,
                     private_key: Path | None, password_file: Path | None,
                     x509_min_dur: str | None, x509_max_dur: str | None,
                     x509_default_dur: str | None, disable_renewal: bool | None,
@@ -198,7 +204,19 @@ def provisioner_add(name: str, kind: str, create: bool, public_key: Path | None,
     if any(p["name"] == name for p in data["authority"].get("provisioners", [])):
         raise BadRequest(f"a provisioner named {name!r} already exists")
     entry: dict[str, Any] = {"type": kind.upper(), "name": name}
-    entry.update(_key_material(create, public_key, private_key, password_file))
+    if kind.upper() == "ACME":
+        if create or public_key or private_key:
+            raise BadRequest("an ACME provisioner has no key: drop --create/--public-key")
+        if challenges:
+            entry["challenges"] = list(challenges)
+        if require_eab:
+            entry["requireEAB"] = True
+        if force_cn:
+            entry["forceCN"] = True
+    else:
+        if challenges or require_eab or force_cn:
+            raise BadRequest("--challenge, --require-eab and --force-cn are for --type ACME")
+        entry.update(_key_material(create, public_key, private_key, password_file))
     claims = _claims(None, x509_min_dur, x509_max_dur, x509_default_dur, disable_renewal,
                      allow_after_expiry)
     if claims:

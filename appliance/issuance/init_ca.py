@@ -16,6 +16,7 @@ from appliance.authority.provisioners.jwk_keys import (
     public_jwk,
 )
 from appliance.config import (
+    AcmeProvisionerConfig,
     AuthorityConfig,
     CaConfig,
     CrlConfig,
@@ -53,6 +54,7 @@ class InitOptions:
     root_token: str
     issuer_token: str
     force: bool = False
+    acme: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ def initialise(opts: InitOptions) -> InitResult:
                       softhsm_conf=str(conf) if conf else None),
         address=opts.address, dns_names=list(opts.dns_names),
         db=DbConfig(type="sqlite", data_source=str(opts.home / "db" / "appliance.db")),
-        authority=AuthorityConfig(provisioners=[provisioner]),
+        authority=AuthorityConfig(provisioners=[provisioner] + (
+            [AcmeProvisionerConfig(type="ACME", name="acme")] if opts.acme else [])),
         crl=CrlConfig(enabled=True),
     )
     db_path = resolve_path(opts.home, config.db.data_source)
