@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
+from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import ApiState, create_app, create_insecure_app
 from appliance.api.tls import issue_server_certificate, load_chain, server_context
 from appliance.config import CaConfig, load_config
@@ -374,7 +375,9 @@ def run_server(options: ServeOptions, issuer_pin: str) -> int:
         raise
     configure_logging(config.logger.format)
     if options.resolver:
-        host, _, port = options.resolver.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--resolver {options.resolver!r} must be host:port")
+        try:
+            parse_resolver_address(options.resolver)
+        except ValueError:
+            raise ConfigError(f"--resolver {options.resolver!r} must be IP:port (e.g. "
+                              "127.0.0.1:53 or [::1]:53)") from None
     return asyncio.run(_serve(options, issuer_pin))
