@@ -33,6 +33,7 @@ from aiohttp import web
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import ApiState, create_app, create_insecure_app
+from appliance.api.sdnotify import notify, watchdog_interval
 from appliance.api.tls import issue_server_certificate, load_chain, server_context
 from appliance.config import CaConfig, load_config
 from appliance.durations import parse_duration
@@ -232,8 +233,13 @@ class Supervisor:
         log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}", address=f"{host}:"
                  f"{port}", workers=len(self._workers), pid=os.getpid())
         renew = asyncio.create_task(self._renew_tls())
+        notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._workers)} workers",
+               f"MAINPID={os.getpid()}")
+        watchdog = asyncio.create_task(self._watchdog())
         await self._stop.wait()
         renew.cancel()
+        watchdog.cancel()
+        notify("STOPPING=1", "STATUS=draining")
         log.info("stopping", reason="signal")
         await self._shutdown()
         return 0
@@ -286,19 +292,32 @@ class Supervisor:
             return
         self._spawn(worker.index)
 
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while every worker is alive (cheap: no request is made)."""
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            if all(w.process.is_alive() for w in self._workers.values()):
+                notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
     def reload(self) -> None:
         """SIGHUP: validate ca.json here first; an invalid file keeps the old one running."""
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             config = load_config(self.options.config_path)
             self.runtime.authority.reload(config)
         except ApplianceError as e:
             log.error("reload_refused", reason=e.message)
+            notify("READY=1", f"STATUS=reload refused: {e.message[:200]}")
             return
         self.runtime.config = config
         for w in self._workers.values():
             with contextlib.suppress(OSError):
                 w.control.send(("reload",))
         log.info("reload_forwarded", workers=len(self._workers))
+        notify("READY=1", "STATUS=serving (configuration reloaded)")
 
     async def _renew_tls(self) -> None:
         """Renew the server certificate at two thirds of its life; retry a minute after a fault."""
