@@ -262,6 +262,22 @@ class CrlConfig(_Model):
         return life - parse_duration(self.renew_period) if self.renew_period else life / 3
 
 
+class RateConfig(_Model):
+    per_second: float = Field(0, alias="perSecond", ge=0)
+    burst: float = Field(0, ge=0)
+
+
+def _failed_auth_default() -> RateConfig:
+    return RateConfig(per_second=5, burst=50)
+
+
+class RateLimitsConfig(_Model):
+    """Per client address and worker process; perSecond 0 turns a limit off."""
+
+    issuance: RateConfig = Field(default_factory=RateConfig)
+    failed_auth: RateConfig = Field(default_factory=_failed_auth_default, alias="failedAuth")
+
+
 class CaConfig(_Model):
     root: str
     crt: str
@@ -277,8 +293,12 @@ class CaConfig(_Model):
     tls: TlsConfig = Field(default_factory=TlsConfig)
     crl: CrlConfig = Field(default_factory=CrlConfig)
     acme: AcmeServerConfig = Field(default_factory=AcmeServerConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig, alias="rateLimits")
+    request_timeout: str = Field("30s", alias="requestTimeout")
     workers: int = Field(0, ge=0, le=64)
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
+
+    _timeout = field_validator("request_timeout")(_check_duration)
 
     @field_validator("address", "insecure_address")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -15,10 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import __version__
+from appliance.api.ratelimit import TokenBuckets
 from appliance.authority.authority import Authority, SignRequest
 from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
 from appliance.authority.provisioners.jwk import JwkProvisioner
 from appliance.config import CIPHER_SUITES, CaConfig
+from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
 from appliance.issuance.issuer import IssuedCertificate
@@ -38,6 +41,19 @@ class ApiState:
     intermediates: list[x509.Certificate]
     health: Callable[[], tuple[int, dict[str, Any]]] = field(
         default=lambda: (200, {"status": "ok"}))
+    issuance_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
+    failed_auth_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
+    request_timeout: float = 30.0
+
+    def apply_limits(self, config: CaConfig) -> None:
+        """(Re)build the rate limits and time limit from ca.json."""
+        rl = config.rate_limits
+        self.issuance_limit = TokenBuckets(rl.issuance.per_second, rl.issuance.burst)
+        self.failed_auth_limit = TokenBuckets(rl.failed_auth.per_second, rl.failed_auth.burst)
+        self.request_timeout = parse_duration(config.request_timeout).total_seconds()
+
+
+ISSUING_PATHS = ("/sign", "/renew", "/rekey", "/finalize", "/new-order")
 
 
 STATE = web.AppKey("state", ApiState)
@@ -53,12 +69,47 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     start = time.perf_counter()
     request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
     with structlog.contextvars.bound_contextvars(request_id=request_id):
-        response = await _handle(request, handler)
+        response = await _limited(request, handler)
         response.headers["X-Request-Id"] = request_id
         log.info("request", method=request.method, path=request.path, status=response.status,
                  duration_ms=round((time.perf_counter() - start) * 1000, 2),
                  peer=request.remote, provisioner=request.get("provisioner"),
                  error=request.get("error"))
+    return response
+
+
+def _too_many(request: web.Request, wait: float, what: str) -> web.Response:
+    seconds = max(int(wait + 0.999), 1)
+    message = f"too many {what} from {request.remote}; retry in {seconds} s"
+    if "/acme/" in request.path:
+        response = web.json_response(
+            {"type": "urn:ietf:params:acme:error:rateLimited", "detail": message, "status": 429},
+            status=429, content_type="application/problem+json")
+    else:
+        response = error_body(429, message)
+    response.headers["Retry-After"] = str(seconds)
+    request["error"] = message
+    return response
+
+
+async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rate limits per client address and the request time limit, around the handler."""
+    state = request.app[STATE]
+    client = request.remote or "unknown"
+    wait = state.failed_auth_limit.retry_after(client)
+    if wait:
+        return _too_many(request, wait, "failed authentications")
+    if request.method == "POST" and request.path.endswith(ISSUING_PATHS):
+        wait = state.issuance_limit.take(client)
+        if wait:
+            return _too_many(request, wait, "issuance requests")
+    try:
+        async with asyncio.timeout(state.request_timeout):
+            response = await _handle(request, handler)
+    except TimeoutError:
+        response = error_body(503, "the request took too long; try again")
+    if response.status in (401, 403):
+        state.failed_auth_limit.take(client)
     return response
 
 

@@ -91,6 +91,7 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     del key_pem
     state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
                      intermediates=[runtime.intermediate])
+    state.apply_limits(runtime.config)
     app = create_app(state)
     acme_state = AcmeState(
         authority=runtime.authority, store=runtime.store,
@@ -157,6 +158,7 @@ def _reload_worker(runtime: Runtime, state: ApiState) -> None:
         log.warning("reload_needs_restart", reason="address and tls take effect on restart")
     runtime.config = config
     state.config = config
+    state.apply_limits(config)
     log.info("config_reloaded", provisioners=len(config.authority.provisioners))
 
 

@@ -205,10 +205,15 @@ def serve(config: Path | None, password_file: Path | None, issuer_password_file:
           resolver: str | None, pidfile: Path | None, workers: int | None) -> None:
     """Run the CA over HTTPS (SIGTERM drains and exits 0; SIGHUP reloads ca.json)."""
     from appliance.api.server import ServeOptions, run_server
+    from appliance.config import home_of
+    from appliance.hardening import check_home_not_writable_by_others, check_secret_file
 
     config_path = (config or default_home() / "config" / "ca.json").absolute()
-    pin = read_secret(issuer_password_file or password_file, "Issuer token PIN: ",
-                      "issuer password")
+    check_home_not_writable_by_others(home_of(config_path), [config_path])
+    pin_file = issuer_password_file or password_file
+    if pin_file is not None:
+        check_secret_file(pin_file, "issuer password")
+    pin = read_secret(pin_file, "Issuer token PIN: ", "issuer password")
     code = run_server(ServeOptions(config_path, pidfile, resolver, workers), pin)
     sys.exit(code)
 
