@@ -278,6 +278,15 @@ class RateLimitsConfig(_Model):
     failed_auth: RateConfig = Field(default_factory=_failed_auth_default, alias="failedAuth")
 
 
+class UnlockConfig(_Model):
+    """How the issuer token's PIN reaches the server: a password file, or a custodian quorum."""
+
+    mode: Literal["password", "quorum"] = "password"
+    sealed_pin: str = Field("config/sealed-pin.json", alias="sealedPin")
+    admin_socket: str = Field("run/admin.sock", alias="adminSocket")
+    tls_dir: str = Field("tls", alias="tlsDir")
+
+
 class CaConfig(_Model):
     root: str
     crt: str
@@ -294,6 +303,7 @@ class CaConfig(_Model):
     crl: CrlConfig = Field(default_factory=CrlConfig)
     acme: AcmeServerConfig = Field(default_factory=AcmeServerConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig, alias="rateLimits")
+    unlock: UnlockConfig = Field(default_factory=UnlockConfig)
     request_timeout: str = Field("30s", alias="requestTimeout")
     workers: int = Field(0, ge=0, le=64)
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)

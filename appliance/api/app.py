@@ -335,3 +335,22 @@ def create_app(state: ApiState) -> web.Application:
 
 
 __all__ = ["ApiState", "CIPHER_SUITES", "STATE", "create_app"]
+
+
+def create_sealed_app(progress: Callable[[], tuple[int, int]]) -> web.Application:
+    """While sealed: /health says so with the quorum's progress; everything else is 503."""
+    async def sealed_health(request: web.Request) -> web.Response:
+        have, need = progress()
+        return web.json_response({"status": "sealed", "progress": f"{have}/{need}"},
+                                 status=503)
+
+    async def sealed(request: web.Request) -> web.Response:
+        have, need = progress()
+        return error_body(503, f"the CA is sealed ({have}/{need} unseal shares handed in): "
+                               "custodians must run 'applianctl unlock'")
+
+    app = web.Application(client_max_size=1024)
+    for prefix in ("", "/1.0"):
+        app.router.add_get(f"{prefix}/health", sealed_health)
+    app.router.add_route("*", "/{tail:.*}", sealed)
+    return app

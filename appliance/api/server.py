@@ -32,16 +32,25 @@ from aiohttp import web
 
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.acme.challenges import parse_resolver_address
-from appliance.api.app import ApiState, create_app, create_insecure_app
+from appliance.api.app import ApiState, create_app, create_insecure_app, create_sealed_app
 from appliance.api.sdnotify import notify, watchdog_interval
-from appliance.api.tls import issue_server_certificate, load_chain, server_context
-from appliance.config import CaConfig, load_config
+from appliance.api.tls import (
+    issue_server_certificate,
+    load_chain,
+    load_server_tls,
+    save_server_tls,
+    server_context,
+)
+from appliance.config import CaConfig, home_of, load_config, resolve_path
 from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
 from appliance.runtime import Runtime, open_runtime
 from appliance.storage import acme as acme_storage
+from appliance.unlock.admin import AdminServer
+from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
+from hsm.errors import HsmError
 
 log = structlog.get_logger("appliance.server")
 
@@ -192,59 +201,239 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, options: ServeOptions, runtime: Runtime, issuer_pin: str) -> None:
+    """Runs sealed (quorum mode, no PIN yet) or unsealed (workers serving), and switches."""
+
+    def __init__(self, options: ServeOptions, config: CaConfig, issuer_pin: str | None) -> None:
         self.options = options
-        self.runtime = runtime
-        self._pin = issuer_pin  # kept only to restart a worker that dies
+        self._config = config
+        self.home = home_of(options.config_path)
+        self.runtime: Runtime | None = None
+        self._pin = issuer_pin  # kept only to restart a worker that dies (and to unseal again)
         self._mp = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._stop = asyncio.Event()
+        self._seal = asyncio.Event()
+        self._unsealed = asyncio.Event()
         self._stopping = False
         self._tls: tuple[bytes, bytes, datetime] | None = None
         self._restarts: list[float] = []
+        self._collector: ShareCollector | None = None
+        self._sealed_mtime = 0.0
+        self._sealed_runner: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
 
     @property
     def config(self) -> CaConfig:
-        return self.runtime.config
+        return self.runtime.config if self.runtime else self._config
+
+    @property
+    def quorum(self) -> bool:
+        return self._config.unlock.mode == "quorum"
 
     def worker_count(self) -> int:
         return self.options.workers or self.config.workers or os.cpu_count() or 1
 
     async def run(self) -> int:
+        if self._pin is not None:
+            # Password mode: a wrong PIN or a missing token is the first thing to report.
+            self.runtime = await open_runtime(self.options.config_path, self._pin)
+        try:
+            check_address_free(*self.config.host_port())
+            if self.config.insecure_address:
+                check_address_free(*self.config.host_port(self.config.insecure_address))
+        except ApplianceError:
+            if self.runtime is not None:
+                await self.runtime.close()
+            raise
+        await self._run()
+        return 0
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        check_address_free(*self.config.host_port())
         if self.config.insecure_address:
             check_address_free(*self.config.host_port(self.config.insecure_address))
-        self._tls = await issue_server_certificate(self.runtime.issuer, self.config.dns_names)
-        for i in range(self.worker_count()):
-            self._spawn(i)
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(w.ready for w in self._workers.values())), READY_TIMEOUT)
-        except (TimeoutError, ApplianceError) as e:
-            reason = e.message if isinstance(e, ApplianceError) else "workers did not start"
-            log.error("start_failed", reason=reason)
-            await self._shutdown()
-            raise ApplianceError(f"cannot serve: {reason}") from None
         for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
                              (signal.SIGHUP, self.reload)):
             loop.add_signal_handler(sig, handler)
+        if self.quorum:
+            self._load_sealed()
+            self._admin = AdminServer(
+                resolve_path(self.home, self._config.unlock.admin_socket), self.handle_admin)
+            await self._admin.start()
         if self.options.pidfile:
             write_pidfile(self.options.pidfile)
-        host, port = self.config.host_port()
-        log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}", address=f"{host}:"
-                 f"{port}", workers=len(self._workers), pid=os.getpid())
-        renew = asyncio.create_task(self._renew_tls())
-        notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._workers)} workers",
-               f"MAINPID={os.getpid()}")
-        watchdog = asyncio.create_task(self._watchdog())
-        await self._stop.wait()
-        renew.cancel()
-        watchdog.cancel()
-        notify("STOPPING=1", "STATUS=draining")
-        log.info("stopping", reason="signal")
-        await self._shutdown()
-        return 0
+        try:
+            while not self._stop.is_set():
+                if self._pin is None and not await self._sealed_phase():
+                    break
+                await self._unsealed_phase()
+        finally:
+            notify("STOPPING=1", "STATUS=stopping")
+            if self._sealed_runner is not None:
+                await self._sealed_runner.cleanup()
+            if self._admin is not None:
+                await self._admin.close()
+            if self.options.pidfile:
+                with contextlib.suppress(FileNotFoundError):
+                    self.options.pidfile.unlink()
+        log.info("stopped")
+
+    # -- sealed ------------------------------------------------------------------------------
+    def _load_sealed(self) -> None:
+        """(Re)read the sealed PIN file; a new share set (rekey-shares) resets the progress."""
+        path = resolve_path(self.home, self._config.unlock.sealed_pin)
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist: run 'applianctl init --quorum' "
+                              "or set unlock.mode to password") from None
+        if self._collector is None or mtime != self._sealed_mtime:
+            self._collector = ShareCollector(SealedPin.load(path))
+            self._sealed_mtime = mtime
+
+    def progress(self) -> tuple[int, int]:
+        return self._collector.progress if self._collector else (0, 0)
+
+    async def _sealed_phase(self) -> bool:
+        """Serve /health (503 sealed) until M shares unseal the PIN; False if told to stop."""
+        self._unsealed.clear()
+        if self._sealed_runner is None:
+            self._sealed_runner = await self._start_sealed_server()
+        have, need = self.progress()
+        notify("READY=1", f"STATUS=sealed: {have}/{need} unseal shares")
+        log.info("sealed", progress=f"{have}/{need}")
+        stop = asyncio.create_task(self._stop.wait())
+        unsealed = asyncio.create_task(self._unsealed.wait())
+        await asyncio.wait([stop, unsealed], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        unsealed.cancel()
+        return not self._stop.is_set()
+
+    async def _start_sealed_server(self) -> web.AppRunner | None:
+        tls = load_server_tls(resolve_path(self.home, self._config.unlock.tls_dir))
+        if tls is None:
+            log.error("sealed_without_tls", reason="no server certificate kept from an "
+                      "earlier unseal; /health is not served until the CA is unsealed")
+            return None
+        context = server_context(self._config.tls, tls[0], tls[1])
+        runner = web.AppRunner(create_sealed_app(self.progress), access_log=None,
+                               handle_signals=False)
+        await runner.setup()
+        host, port = self._config.host_port()
+        await web.TCPSite(runner, host, port, ssl_context=context, reuse_port=True,
+                          shutdown_timeout=5).start()
+        return runner
+
+    async def handle_admin(self, request: dict[str, Any], actor: str) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            pass
+        elif op == "unseal":
+            if self._pin is not None:
+                return self._status(message="already unsealed")
+            share = request.get("share")
+            if not isinstance(share, str) or not share.strip():
+                return self._status(ok=False, error="no share given")
+            self._load_sealed()
+            assert self._collector is not None
+            try:
+                pin = self._collector.add(share)
+            except ShareRefused as e:
+                log.warning("unseal_share_refused", actor=actor, reason=e.message)
+                return self._status(ok=False, error=e.message)
+            have, need = self.progress()
+            log.info("unseal_share_accepted", actor=actor, progress=f"{have}/{need}")
+            if pin is None:
+                notify(f"STATUS=sealed: {have}/{need} unseal shares")
+                return self._status(message=f"share accepted ({have}/{need})")
+            self._pin = pin
+            self._collector.reset()
+            self._unsealed.set()
+            log.info("unsealing", actor=actor)
+            return self._status(message="quorum reached: logging into the token")
+        elif op == "reset":
+            if self._collector is not None:
+                self._collector.reset()
+            log.info("unseal_progress_reset", actor=actor)
+        elif op == "seal":
+            if self._pin is None:
+                return self._status(message="already sealed")
+            log.info("sealing", actor=actor)
+            self._seal.set()
+            for _ in range(int(DRAIN_SECONDS * 20) + 100):
+                if self._pin is None:
+                    break
+                await asyncio.sleep(0.05)
+        else:
+            return self._status(ok=False, error=f"unknown op {str(op)[:40]!r}")
+        return self._status()
+
+    def _status(self, ok: bool = True, error: str | None = None, message: str | None = None
+                ) -> dict[str, Any]:
+        have, need = self.progress()
+        sealed = self._pin is None or self.runtime is None
+        out: dict[str, Any] = {"ok": ok, "sealed": sealed, "progress": f"{have}/{need}"}
+        if error:
+            out["error"] = error
+        if message:
+            out["message"] = message
+        return out
+
+    # -- unsealed ----------------------------------------------------------------------------
+    async def _unsealed_phase(self) -> None:
+        assert self._pin is not None
+        try:
+            if self.runtime is None:
+                self.runtime = await open_runtime(self.options.config_path, self._pin)
+        except (ApplianceError, HsmError) as e:
+            reason = getattr(e, "message", None) or str(e)
+            if not self.quorum:
+                raise
+            log.error("unseal_failed", reason=reason)
+            self._pin = None
+            return
+        self._seal.clear()
+        self._stopping = False
+        try:
+            self._tls = await issue_server_certificate(self.runtime.issuer,
+                                                       self.config.dns_names)
+            if self.quorum:
+                save_server_tls(resolve_path(self.home, self._config.unlock.tls_dir),
+                                self._tls[0], self._tls[1])
+            for i in range(self.worker_count()):
+                self._spawn(i)
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(w.ready for w in self._workers.values())), READY_TIMEOUT)
+            except (TimeoutError, ApplianceError) as e:
+                reason = e.message if isinstance(e, ApplianceError) else "workers did not start"
+                log.error("start_failed", reason=reason)
+                raise ApplianceError(f"cannot serve: {reason}") from None
+            if self._sealed_runner is not None:
+                await self._sealed_runner.cleanup()  # workers now answer on the port
+                self._sealed_runner = None
+            host, port = self.config.host_port()
+            log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}",
+                     address=f"{host}:{port}", workers=len(self._workers), pid=os.getpid())
+            notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._workers)} "
+                   "workers", f"MAINPID={os.getpid()}")
+            tasks = [asyncio.create_task(self._renew_tls()),
+                     asyncio.create_task(self._watchdog())]
+            stop = asyncio.create_task(self._stop.wait())
+            seal = asyncio.create_task(self._seal.wait())
+            await asyncio.wait([stop, seal], return_when=asyncio.FIRST_COMPLETED)
+            for task in (*tasks, stop, seal):
+                task.cancel()
+            notify("STATUS=draining")
+            log.info("stopping" if self._stop.is_set() else "sealing_workers")
+        finally:
+            await self._shutdown()
+            await self.runtime.close()
+            self.runtime = None
+        if self._seal.is_set() and not self._stop.is_set():
+            self._pin = None
+            self._seal.clear()
+            log.info("sealed_again")
 
     def _spawn(self, index: int) -> None:
         assert self._tls is not None
@@ -309,10 +498,16 @@ class Supervisor:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             config = load_config(self.options.config_path)
-            self.runtime.authority.reload(config)
+            if self.runtime is not None:
+                self.runtime.authority.reload(config)
         except ApplianceError as e:
             log.error("reload_refused", reason=e.message)
             notify("READY=1", f"STATUS=reload refused: {e.message[:200]}")
+            return
+        if self.runtime is None:
+            self._config = config
+            notify("READY=1", "STATUS=sealed (configuration reloaded)")
+            log.info("reload_forwarded", workers=0)
             return
         self.runtime.config = config
         for w in self._workers.values():
@@ -329,8 +524,12 @@ class Supervisor:
             remaining = (self._tls[2] - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(max(remaining - lifetime / 3, 1.0))
             try:
+                assert self.runtime is not None
                 self._tls = await issue_server_certificate(self.runtime.issuer,
                                                            self.config.dns_names)
+                if self.quorum:
+                    save_server_tls(resolve_path(self.home, self._config.unlock.tls_dir),
+                                    self._tls[0], self._tls[1])
             except ApplianceError as e:
                 log.error("tls_renewal_failed", reason=e.message)
                 await asyncio.sleep(60)
@@ -353,9 +552,13 @@ class Supervisor:
             if w.process.is_alive():
                 w.process.kill()
             w.process.join(1)
-        if self.options.pidfile:
-            with contextlib.suppress(FileNotFoundError):
-                self.options.pidfile.unlink()
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(w.process.sentinel)
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(w.control.fileno())
+            w.control.close()
+        self._workers.clear()
 
 
 def check_address_free(host: str, port: int) -> None:
@@ -380,15 +583,11 @@ def write_pidfile(path: Path) -> None:
     os.replace(tmp, path)
 
 
-async def _serve(options: ServeOptions, issuer_pin: str) -> int:
-    runtime = await open_runtime(options.config_path, issuer_pin)
-    try:
-        return await Supervisor(options, runtime, issuer_pin).run()
-    finally:
-        await runtime.close()
+async def _serve(options: ServeOptions, config: CaConfig, issuer_pin: str | None) -> int:
+    return await Supervisor(options, config, issuer_pin).run()
 
 
-def run_server(options: ServeOptions, issuer_pin: str) -> int:
+def run_server(options: ServeOptions, issuer_pin: str | None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit code."""
     try:
         config = load_config(options.config_path)
@@ -401,4 +600,7 @@ def run_server(options: ServeOptions, issuer_pin: str) -> int:
         except ValueError:
             raise ConfigError(f"--resolver {options.resolver!r} must be IP:port (e.g. "
                               "127.0.0.1:53 or [::1]:53)") from None
-    return asyncio.run(_serve(options, issuer_pin))
+    if issuer_pin is None and config.unlock.mode != "quorum":
+        raise ConfigError("serve needs --issuer-password-file (or a CA set up with "
+                          "init --quorum)")
+    return asyncio.run(_serve(options, config, issuer_pin))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -76,3 +77,30 @@ def server_context(tls: TlsConfig, chain_pem: bytes, key_pem: bytes,
     context.set_alpn_protocols(["http/1.1"])
     load_chain(context, chain_pem, key_pem)
     return context
+
+
+def save_server_tls(directory: Path, chain_pem: bytes, key_pem: bytes) -> None:
+    """Quorum mode only: keep the server's TLS key (0600) so a sealed restart can serve HTTPS.
+
+    It is the key of a 24-hour leaf, never a CA key; in password mode it stays in memory.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, data, mode in (("server.key", key_pem, 0o600), ("server.crt", chain_pem, 0o644)):
+        tmp = directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+
+
+def load_server_tls(directory: Path) -> tuple[bytes, bytes, datetime] | None:
+    try:
+        chain = (directory / "server.crt").read_bytes()
+        key = (directory / "server.key").read_bytes()
+        leaf = x509.load_pem_x509_certificate(chain)
+    except (FileNotFoundError, ValueError):
+        return None
+    return chain, key, leaf.not_valid_after_utc

@@ -152,12 +152,16 @@ def cli() -> None:
 @click.option("--home", type=click.Path(path_type=Path),
               help="CA home (default: $APPLIANCE_HOME, else ~/.appliance).")
 @click.option("--acme", "with_acme", is_flag=True, help="Also add an ACME provisioner 'acme'.")
+@click.option("--quorum", help="M/N: a random issuer PIN, sealed; M of N custodian shares "
+              "unseal it (needs --share-dir).")
+@click.option("--share-dir", type=click.Path(path_type=Path),
+              help="Where to write the N share files (hand each to its custodian).")
 @click.option("--force", is_flag=True, help="Replace an existing CA.")
 def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
          password_file: Path | None, issuer_password_file: Path | None,
          provisioner_password_file: Path | None, kty: str, curve: str | None, size: int | None,
          hsm_module: str | None, root_token: str, issuer_token: str, home: Path | None,
-         with_acme: bool, force: bool) -> None:
+         with_acme: bool, quorum: str | None, share_dir: Path | None, force: bool) -> None:
     """Create a CA: keys in the token, certificates, ca.json. Prints the root fingerprint last."""
     from appliance.issuance.init_ca import InitOptions, initialise
     from appliance.issuance.names import parse_san
@@ -170,9 +174,24 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
                          "--hsm-module was given")
     for n in dns_names:
         parse_san(n)  # refuses a malformed name now rather than in the TLS certificate
+    import secrets as _secrets
+
+    from appliance.unlock.quorum import parse_quorum
+
     root_pin = read_secret(password_file, "Root token PIN: ", "password")
-    issuer_pin = (read_secret(issuer_password_file, "Issuer token PIN: ", "issuer password")
-                  if issuer_password_file else root_pin)
+    quorum_mn = parse_quorum(quorum) if quorum else None
+    if quorum_mn is not None:
+        if share_dir is None:
+            raise BadRequest("--quorum needs --share-dir")
+        if issuer_password_file is not None:
+            raise BadRequest("with --quorum the issuer PIN is random and never shown; drop "
+                             "--issuer-password-file")
+        issuer_pin = _secrets.token_urlsafe(32)
+    elif share_dir is not None:
+        raise BadRequest("--share-dir goes with --quorum")
+    else:
+        issuer_pin = (read_secret(issuer_password_file, "Issuer token PIN: ", "issuer password")
+                      if issuer_password_file else root_pin)
     prov_password = (read_secret(provisioner_password_file, "Provisioner password: ",
                                  "provisioner password")
                      if provisioner_password_file else root_pin)
@@ -182,7 +201,16 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
         provisioner=provisioner, root_pin=root_pin, issuer_pin=issuer_pin,
         provisioner_password=prov_password.encode(), key_spec=KeySpec.parse(kty, curve, size),
         module_path=module, root_token=root_token, issuer_token=issuer_token, force=force,
-        acme=with_acme))
+        acme=with_acme, quorum=quorum_mn))
+    if quorum_mn is not None:
+        assert share_dir is not None
+        from appliance.unlock.setup import seal_new_ca
+
+        paths = asyncio.run(seal_new_ca(result.config_path, issuer_pin, quorum_mn, share_dir))
+        del issuer_pin
+        click.echo(f"Issuer PIN sealed; {len(paths)} shares in {share_dir} (any "
+                   f"{quorum_mn[0]} unseal the CA). Hand each to its custodian, then delete "
+                   "them here.")
     click.echo(f"Root certificate: {result.root_path}")
     click.echo(f"Intermediate certificate: {result.intermediate_path}")
     click.echo(f"Configuration: {result.config_path}")
@@ -205,15 +233,18 @@ def serve(config: Path | None, password_file: Path | None, issuer_password_file:
           resolver: str | None, pidfile: Path | None, workers: int | None) -> None:
     """Run the CA over HTTPS (SIGTERM drains and exits 0; SIGHUP reloads ca.json)."""
     from appliance.api.server import ServeOptions, run_server
-    from appliance.config import home_of
+    from appliance.config import home_of, load_config
     from appliance.hardening import check_home_not_writable_by_others, check_secret_file
 
     config_path = (config or default_home() / "config" / "ca.json").absolute()
     check_home_not_writable_by_others(home_of(config_path), [config_path])
     pin_file = issuer_password_file or password_file
+    pin: str | None = None
     if pin_file is not None:
         check_secret_file(pin_file, "issuer password")
-    pin = read_secret(pin_file, "Issuer token PIN: ", "issuer password")
+        pin = read_secret(pin_file, "Issuer token PIN: ", "issuer password")
+    elif load_config(config_path).unlock.mode != "quorum":
+        pin = read_secret(None, "Issuer token PIN: ", "issuer password")
     code = run_server(ServeOptions(config_path, pidfile, resolver, workers), pin)
     sys.exit(code)
 
@@ -415,4 +446,4 @@ def main() -> None:
 
 
 # Commands defined in their own modules register themselves on `cli`.
-from appliance.cli import acme_admin, lifecycle, provisioners  # noqa: E402,F401
+from appliance.cli import acme_admin, lifecycle, provisioners, unlock  # noqa: E402,F401

@@ -24,6 +24,7 @@ from appliance.config import (
     Defaults,
     JwkProvisionerConfig,
     KmsConfig,
+    UnlockConfig,
     resolve_path,
     write_config,
 )
@@ -55,6 +56,7 @@ class InitOptions:
     issuer_token: str
     force: bool = False
     acme: bool = False
+    quorum: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ def initialise(opts: InitOptions) -> InitResult:
         authority=AuthorityConfig(provisioners=[provisioner] + (
             [AcmeProvisionerConfig(type="ACME", name="acme")] if opts.acme else [])),
         crl=CrlConfig(enabled=True),
+        unlock=UnlockConfig(mode="quorum" if opts.quorum else "password"),
     )
     db_path = resolve_path(opts.home, config.db.data_source)
     if opts.force and db_path.exists():

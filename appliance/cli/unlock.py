@@ -1,0 +1,106 @@
+"""applianctl unlock, seal, rekey-shares: the custodians' commands (quorum mode)."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.cli.main import cli
+from appliance.config import default_home, home_of, load_config, resolve_path
+from appliance.errors import ApplianceError, BadRequest
+from appliance.unlock.admin import admin_request
+from appliance.unlock.quorum import parse_quorum, read_share_text
+
+
+def _socket(ca_config: Path | None, socket_path: Path | None) -> Path:
+    if socket_path is not None:
+        return socket_path
+    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    config = load_config(path)
+    return resolve_path(home_of(path), config.unlock.admin_socket)
+
+
+def _share_texts(files: tuple[Path, ...], prompts: int) -> list[str]:
+    if files:
+        return [read_share_text(f.read_text()) for f in files]
+    if not sys.stdin.isatty():
+        raise BadRequest("no --share-file given and no terminal to type a share on")
+    return [read_share_text(getpass.getpass(f"Share {i + 1} (words, not echoed): "))
+            for i in range(prompts)]
+
+
+socket_options = [
+    click.option("--ca-config", type=click.Path(path_type=Path),
+                 help="ca.json (default: $APPLIANCE_HOME/config/ca.json)."),
+    click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+                 help="The CA's admin socket (default: from ca.json)."),
+]
+
+
+def with_socket(f: Any) -> Any:
+    for option in reversed(socket_options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option("--share-file", "share_files", multiple=True, type=click.Path(path_type=Path,
+              exists=True), help="A share file (repeatable); else the share is typed, unechoed.")
+@click.option("--reset", is_flag=True, help="Discard the shares handed in so far.")
+@click.option("--status", "status_only", is_flag=True, help="Only show sealed/unsealed.")
+@with_socket
+def unlock(share_files: tuple[Path, ...], reset: bool, status_only: bool,
+           ca_config: Path | None, socket_path: Path | None) -> None:
+    """Hand unseal share(s) to the running CA over its admin socket."""
+    sock = _socket(ca_config, socket_path)
+    if reset or status_only:
+        answer = admin_request(sock, {"op": "reset" if reset else "status"})
+        click.echo(f"{'sealed' if answer['sealed'] else 'unsealed'}, progress "
+                   f"{answer['progress']}")
+        return
+    failed = False
+    for share in _share_texts(share_files, 1):
+        answer = admin_request(sock, {"op": "unseal", "share": share})
+        if not answer.get("ok"):
+            click.echo(f"error: {answer.get('error')}", err=True)
+            failed = True
+            continue
+        click.echo(f"{answer.get('message', 'ok')}; progress {answer['progress']}")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@with_socket
+def seal(ca_config: Path | None, socket_path: Path | None) -> None:
+    """Take the issuer key offline: drain the workers and log out of the token."""
+    answer = admin_request(_socket(ca_config, socket_path), {"op": "seal"})
+    if not answer.get("sealed"):
+        raise ApplianceError(answer.get("error") or "the CA did not seal")
+    click.echo("sealed")
+
+
+@cli.command("rekey-shares")
+@click.option("--quorum", required=True, help="M/N of the new share set.")
+@click.option("--share-dir", required=True, type=click.Path(path_type=Path),
+              help="Where to write the new shares.")
+@click.option("--share-file", "share_files", multiple=True,
+              type=click.Path(path_type=Path, exists=True),
+              help="A current share (repeatable; M are needed), else typed unechoed.")
+@click.option("--ca-config", type=click.Path(path_type=Path))
+def rekey_shares_cmd(quorum: str, share_dir: Path, share_files: tuple[Path, ...],
+                     ca_config: Path | None) -> None:
+    """New custodian shares for the same PIN; the old set stops working."""
+    from appliance.unlock.quorum import SealedPin
+    from appliance.unlock.setup import rekey_shares
+
+    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    config = load_config(path)
+    sealed = SealedPin.load(resolve_path(home_of(path), config.unlock.sealed_pin))
+    current = _share_texts(share_files, sealed.threshold)
+    paths = rekey_shares(path, current, parse_quorum(quorum), share_dir)
+    click.echo(f"{len(paths)} new shares in {share_dir}; the previous shares no longer work.")
