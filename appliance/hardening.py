@@ -17,10 +17,14 @@ def check_secret_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what} file {path} does not exist") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{what} file {path} is not a regular file")
-    if st.st_uid != os.geteuid():
+    # systemd's LoadCredential= copies are root's, readable by the service through the
+    # credentials directory; anywhere else the file must be the service user's own.
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    in_creds = bool(creds) and path.resolve().parent == Path(str(creds)).resolve()
+    if st.st_uid != os.geteuid() and not (in_creds and st.st_uid == 0):
         raise ConfigError(f"{what} file {path} belongs to uid {st.st_uid}, not to the user "
                           f"running the CA (uid {os.geteuid()}); chown it")
-    if st.st_mode & 0o077:
+    if st.st_mode & (0o007 if in_creds else 0o077):
         raise ConfigError(f"{what} file {path} is readable or writable by others (mode "
                           f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
 

@@ -221,6 +221,7 @@ class Supervisor:
         self._sealed_mtime = 0.0
         self._sealed_runner: web.AppRunner | None = None
         self._admin: AdminServer | None = None
+        self.failed = False
 
     @property
     def config(self) -> CaConfig:
@@ -246,7 +247,7 @@ class Supervisor:
                 await self.runtime.close()
             raise
         await self._run()
-        return 0
+        return 1 if self.failed else 0
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -479,6 +480,7 @@ class Supervisor:
         self._restarts = [t for t in self._restarts if now - t < 60] + [now]
         if len(self._restarts) > 5:
             log.error("too_many_worker_restarts")
+            self.failed = True  # exit non-zero so that systemd's Restart=on-failure acts
             self._stop.set()
             return
         self._spawn(worker.index)

@@ -174,6 +174,9 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
                          "--hsm-module was given")
     for n in dns_names:
         parse_san(n)  # refuses a malformed name now rather than in the TLS certificate
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"--address {address!r} must be host:port, e.g. 127.0.0.1:9000")
     import secrets as _secrets
 
     from appliance.unlock.quorum import parse_quorum
@@ -222,10 +225,10 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
 @cli.command()
 @click.argument("config", required=False, type=click.Path(path_type=Path))
 @click.option("--password-file", type=click.Path(path_type=Path),
-              help="Root token PIN (only for commands that need the root key).")
+              help="Same as --issuer-password-file (step-ca's name for it).")
 @click.option("--issuer-password-file", type=click.Path(path_type=Path),
-              help="Issuer token PIN.")
-@click.option("--resolver", help="DNS resolver host:port for ACME validation.")
+              help="Issuer token PIN (not needed for a CA set up with --quorum).")
+@click.option("--resolver", help="DNS server IP:port the CA resolves ACME names through.")
 @click.option("--pidfile", type=click.Path(path_type=Path), help="Write the process id here.")
 @click.option("--workers", type=click.IntRange(1, 64),
               help="Worker processes (default: ca.json 'workers', else one per core).")

@@ -62,8 +62,8 @@ class QuorumCa:
             except (OSError, urllib.error.URLError) as e:
                 last = e
             time.sleep(0.2)
-        pytest.fail(f"/health never answered {status}; last: {last}\n{self.log.read_text()[-3000:]}",
-                    pytrace=False)
+        log = self.log.read_text()[-3000:]
+        pytest.fail(f"/health never answered {status}; last: {last}\n{log}", pytrace=False)
 
     def start(self) -> None:
         with open(self.log, "ab") as err:
