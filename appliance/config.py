@@ -287,6 +287,13 @@ class UnlockConfig(_Model):
     tls_dir: str = Field("tls", alias="tlsDir")
 
 
+class AuditConfig(_Model):
+    path: str = "audit/audit.jsonl"
+    checkpoint_interval: str = Field("10m", alias="checkpointInterval")
+
+    _dur = field_validator("checkpoint_interval")(_check_duration)
+
+
 class CaConfig(_Model):
     root: str
     crt: str
@@ -304,6 +311,7 @@ class CaConfig(_Model):
     acme: AcmeServerConfig = Field(default_factory=AcmeServerConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig, alias="rateLimits")
     unlock: UnlockConfig = Field(default_factory=UnlockConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     request_timeout: str = Field("30s", alias="requestTimeout")
     workers: int = Field(0, ge=0, le=64)
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)

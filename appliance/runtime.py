@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.audit import AuditError, AuditEvent, AuditLog
 from appliance.authority.authority import Authority
 from appliance.config import CaConfig, home_of, load_config, resolve_path
 from appliance.errors import ConfigError
@@ -29,10 +31,23 @@ class Runtime:
     authority: Authority
     root: x509.Certificate
     intermediate: x509.Certificate
+    audit: AuditLog
 
     async def close(self) -> None:
+        with contextlib.suppress(AuditError):
+            await self.audit.append(AuditEvent("token.logout", "success", process_actor(),
+                                               {"label": self.keystore.token_label}))
+        await self.audit.close()
         await self.store.close()
         self.keystore.close()
+
+
+def process_actor() -> str:
+    return f"process:{os.getpid()}"
+
+
+def audit_log(config: CaConfig, home: Path) -> AuditLog:
+    return AuditLog(resolve_path(home, config.audit.path))
 
 
 def load_certificate(path: Path, what: str) -> x509.Certificate:
@@ -81,7 +96,17 @@ async def open_runtime(config_path: Path, issuer_pin: str) -> Runtime:
     except BaseException:
         keystore.close()
         raise
-    issuer = Issuer(intermediate, (intermediate,), key, keystore.run_async, store)
+    audit = audit_log(config, home)
+    issuer = Issuer(intermediate, (intermediate,), key, keystore.run_async, store, audit)
     authority = Authority(config, issuer, root, store, home)
+    try:
+        await audit.append(AuditEvent("token.login", "success", process_actor(),
+                                      {"label": keystore.token_label}))
+    except AuditError:
+        await audit.close()
+        await store.close()
+        keystore.close()
+        raise ConfigError("the audit log cannot be written; the CA will not start without it"
+                          ) from None
     return Runtime(config_path, home, config, keystore, store, issuer, authority, root,
-                   intermediate)
+                   intermediate, audit)

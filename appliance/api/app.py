@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from appliance import __version__
 from appliance.api.ratelimit import TokenBuckets
+from appliance.audit import AuditError, AuditEvent
 from appliance.authority.authority import Authority, SignRequest
 from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
 from appliance.authority.provisioners.jwk import JwkProvisioner
@@ -54,6 +55,7 @@ class ApiState:
 
 
 ISSUING_PATHS = ("/sign", "/renew", "/rekey", "/finalize", "/new-order")
+AUDITED_PATHS = (*ISSUING_PATHS, "/revoke", "/revoke-cert", "/new-account")
 
 
 STATE = web.AppKey("state", ApiState)
@@ -110,6 +112,18 @@ async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse
         response = error_body(503, "the request took too long; try again")
     if response.status in (401, 403):
         state.failed_auth_limit.take(client)
+    if 400 <= response.status < 500 and request.method == "POST" and \
+            request.path.endswith(AUDITED_PATHS):
+        audit = state.authority.issuer.audit
+        if audit is not None:
+            try:
+                await audit.append(AuditEvent(
+                    "request.refused", "failure", f"client:{client}",
+                    {"path": request.path[:200], "status": response.status,
+                     "reason": str(request.get("error") or "")[:500],
+                     "provisioner": request.get("provisioner")}))
+            except AuditError:
+                log.error("audit_write_failed", event="request.refused")
     return response
 
 

@@ -41,12 +41,13 @@ from appliance.api.tls import (
     save_server_tls,
     server_context,
 )
+from appliance.audit import AuditError, AuditEvent
 from appliance.config import CaConfig, home_of, load_config, resolve_path
 from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
-from appliance.runtime import Runtime, open_runtime
+from appliance.runtime import Runtime, audit_log, open_runtime
 from appliance.storage import acme as acme_storage
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
@@ -222,6 +223,8 @@ class Supervisor:
         self._sealed_runner: web.AppRunner | None = None
         self._admin: AdminServer | None = None
         self.failed = False
+        self._audit = audit_log(config, self.home)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def config(self) -> CaConfig:
@@ -263,6 +266,9 @@ class Supervisor:
             await self._admin.start()
         if self.options.pidfile:
             write_pidfile(self.options.pidfile)
+        await self._record("server.start", "success", {
+            "pid": os.getpid(), "mode": self._config.unlock.mode,
+            "address": self._config.address})
         try:
             while not self._stop.is_set():
                 if self._pin is None and not await self._sealed_phase():
@@ -270,6 +276,8 @@ class Supervisor:
                 await self._unsealed_phase()
         finally:
             notify("STOPPING=1", "STATUS=stopping")
+            await self._record("server.stop", "success", {"pid": os.getpid()})
+            await self._audit.close()
             if self._sealed_runner is not None:
                 await self._sealed_runner.cleanup()
             if self._admin is not None:
@@ -291,6 +299,34 @@ class Supervisor:
         if self._collector is None or mtime != self._sealed_mtime:
             self._collector = ShareCollector(SealedPin.load(path))
             self._sealed_mtime = mtime
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, event: str, outcome: str, details: dict[str, Any],
+                      actor: str = "supervisor") -> None:
+        try:
+            await self._audit.append(AuditEvent(event, outcome, actor, details))
+        except AuditError:
+            log.error("audit_write_failed", event=event)
+
+    async def _checkpoint(self) -> None:
+        """A record signed by the issuer key over the chain head (needs the token: unsealed)."""
+        if self.runtime is None:
+            return
+        try:
+            await self._audit.checkpoint(self.runtime.issuer.audit_signer(),
+                                         self.runtime.issuer.certificate, "supervisor")
+        except AuditError as e:
+            log.error("audit_checkpoint_failed", reason=str(e)[:200])
+
+    async def _checkpoints(self) -> None:
+        interval = parse_duration(self._config.audit.checkpoint_interval).total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            await self._checkpoint()
 
     def progress(self) -> tuple[int, int]:
         return self._collector.progress if self._collector else (0, 0)
@@ -341,9 +377,11 @@ class Supervisor:
                 pin = self._collector.add(share)
             except ShareRefused as e:
                 log.warning("unseal_share_refused", actor=actor, reason=e.message)
+                await self._record("unseal.share", "failure", {"reason": e.message}, actor)
                 return self._status(ok=False, error=e.message)
             have, need = self.progress()
             log.info("unseal_share_accepted", actor=actor, progress=f"{have}/{need}")
+            await self._record("unseal.share", "success", {"progress": f"{have}/{need}"}, actor)
             if pin is None:
                 notify(f"STATUS=sealed: {have}/{need} unseal shares")
                 return self._status(message=f"share accepted ({have}/{need})")
@@ -351,15 +389,18 @@ class Supervisor:
             self._collector.reset()
             self._unsealed.set()
             log.info("unsealing", actor=actor)
+            await self._record("unseal", "success", {"quorum": f"{have}/{need}"}, actor)
             return self._status(message="quorum reached: logging into the token")
         elif op == "reset":
             if self._collector is not None:
                 self._collector.reset()
             log.info("unseal_progress_reset", actor=actor)
+            await self._record("unseal.share", "success", {"reset": True}, actor)
         elif op == "seal":
             if self._pin is None:
                 return self._status(message="already sealed")
             log.info("sealing", actor=actor)
+            await self._record("seal", "success", {}, actor)
             self._seal.set()
             for _ in range(int(DRAIN_SECONDS * 20) + 100):
                 if self._pin is None:
@@ -419,7 +460,8 @@ class Supervisor:
             notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._workers)} "
                    "workers", f"MAINPID={os.getpid()}")
             tasks = [asyncio.create_task(self._renew_tls()),
-                     asyncio.create_task(self._watchdog())]
+                     asyncio.create_task(self._watchdog()),
+                     asyncio.create_task(self._checkpoints())]
             stop = asyncio.create_task(self._stop.wait())
             seal = asyncio.create_task(self._seal.wait())
             await asyncio.wait([stop, seal], return_when=asyncio.FIRST_COMPLETED)
@@ -429,6 +471,7 @@ class Supervisor:
             log.info("stopping" if self._stop.is_set() else "sealing_workers")
         finally:
             await self._shutdown()
+            await self._checkpoint()  # the chain head at stop (or seal) is signed
             await self.runtime.close()
             self.runtime = None
         if self._seal.is_set() and not self._stop.is_set():
@@ -505,7 +548,11 @@ class Supervisor:
         except ApplianceError as e:
             log.error("reload_refused", reason=e.message)
             notify("READY=1", f"STATUS=reload refused: {e.message[:200]}")
+            self._background(self._record("config.reload", "failure",
+                                          {"reason": e.message[:500]}))
             return
+        self._background(self._record("config.reload", "success", {"provisioners": len(
+            config.authority.provisioners)}))
         if self.runtime is None:
             self._config = config
             notify("READY=1", "STATUS=sealed (configuration reloaded)")

@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import enum
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import json
@@ -125,6 +126,7 @@ _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 _PRIVATE_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few keys come up on every record
 def is_secret_key(name: str) -> bool:
     """True when a details key names a secret (PIN, password, token, share, key material ...)."""
     words = {w.lower() for w in _WORD.findall(name)}
@@ -183,8 +185,14 @@ def _body(event: str, outcome: str, actor: str, details: Mapping[str, Any]) -> b
     except (TypeError, ValueError) as e:
         raise AuditError(f"audit details for {event} cannot be recorded: {e}") from None
     # ensure_ascii: a name from a CSR cannot smuggle control or bidi characters into a terminal.
-    return (f'"actor":{_json(actor)},"event":{_json(event)},"outcome":{_json(outcome)},'
+    # event and outcome were checked against plain-ASCII patterns, so need no escaping.
+    return (f'"actor":{_json_actor(actor)},"event":"{event}","outcome":"{outcome}",'
             f'"details":{details_json}').encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_actor(actor: str) -> str:
+    return _json(actor)
 
 
 def _line(seq: int, time: str, body: bytes, prev: str) -> bytes:
@@ -276,6 +284,12 @@ class _CheckpointJob:
     actor: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[int]
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[int], int]]) -> None:
+    for future, seq in settled:
+        if not future.done():
+            future.set_result(seq)
 
 
 def _settle(future: asyncio.Future[int], seq: int | None, error: AuditError | None) -> None:
@@ -421,8 +435,12 @@ class AuditLog:
             for p in batch:
                 _call_soon(p.loop, _settle, p.future, None, AuditError(message))
             return
+        # One wake-up per event loop, not per record.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int]]] = {}
         for p, seq in zip(batch, seqs, strict=True):
-            _call_soon(p.loop, _settle, p.future, seq, None)
+            by_loop.setdefault(p.loop, []).append((p.future, seq))
+        for loop, settled in by_loop.items():
+            _call_soon(loop, _settle_all, settled)
 
     def _run_checkpoint(self, job: _CheckpointJob) -> None:
         try:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from appliance.audit import AuditEvent
 from appliance.authority.claims import Claims
 from appliance.authority.csr import parse_csr_pem
 from appliance.authority.lifecycle import RevokeRequest, parse_serial
@@ -420,6 +421,10 @@ class Authority:
         except TokenReused:
             raise Unauthorized("token already used: one-time tokens cannot be replayed"
                                ) from None
+        await self.issuer.record(AuditEvent(
+            "cert.revoke", "success", f"{method}:{who}",
+            {"serial": format(request.serial, "x"), "reason_code": request.reason_code,
+             "reason": request.reason}))
         if self.config.crl.enabled and self.config.crl.generate_on_revoke:
             await self.crl.regenerate()
         return who

@@ -214,6 +214,12 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
         click.echo(f"Issuer PIN sealed; {len(paths)} shares in {share_dir} (any "
                    f"{quorum_mn[0]} unseal the CA). Hand each to its custodian, then delete "
                    "them here.")
+    from appliance.cli.audit_cmd import record_cli_event
+
+    record_cli_event(result.config_path, "ca.init", {
+        "name": name, "root_sha256": result.root_fingerprint, "key": kty,
+        "module": module, "root_label": root_token, "issuer_label": issuer_token,
+        "quorum": quorum or None})
     click.echo(f"Root certificate: {result.root_path}")
     click.echo(f"Intermediate certificate: {result.intermediate_path}")
     click.echo(f"Configuration: {result.config_path}")
@@ -449,4 +455,10 @@ def main() -> None:
 
 
 # Commands defined in their own modules register themselves on `cli`.
-from appliance.cli import acme_admin, lifecycle, provisioners, unlock  # noqa: E402,F401
+from appliance.cli import (  # noqa: E402,F401
+    acme_admin,
+    audit_cmd,
+    lifecycle,
+    provisioners,
+    unlock,
+)

@@ -37,7 +37,8 @@ def _config_path(ca_config: Path | None) -> Path:
     return (ca_config or default_home() / "config" / "ca.json").absolute()
 
 
-def _save(path: Path, data: dict[str, Any]) -> None:
+def _save(path: Path, data: dict[str, Any], action: str, name: str,
+          policy_changed: bool = False) -> None:
     config = parse_config(data, str(path))
     global_claims = Claims().merged(config.authority.claims)
     for p in config.authority.provisioners:
@@ -46,7 +47,12 @@ def _save(path: Path, data: dict[str, Any]) -> None:
         except ConfigError as e:
             raise ConfigError(f"provisioner {p.name!r}: {e.message}") from None
         load_template(p, home_of(path))  # compiles and sample-renders; ConfigError names it
+    from appliance.cli.audit_cmd import record_cli_event
+
     write_config(path, config)
+    record_cli_event(path, "provisioner.change", {"action": action, "name": name})
+    if policy_changed:
+        record_cli_event(path, "policy.change", {"provisioner": name})
     click.echo(f"Success! {path} has been updated. Reload the CA to use it: "
                "`systemctl reload appliance` or `kill -HUP <pid>`.")
 
@@ -224,7 +230,7 @@ def provisioner_add(name: str, kind: str, challenges: tuple[str, ...], require_e
     _apply_template(entry, x509_template, x509_template_data)
     _apply_policy(entry, allow_wildcards, policy)
     data["authority"].setdefault("provisioners", []).append(entry)
-    _save(path, data)
+    _save(path, data, "add", name, allow_wildcards is not None or any(policy.values()))
 
 
 @provisioner.command("update")
@@ -258,7 +264,7 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
         entry["claims"] = claims
     _apply_template(entry, x509_template, x509_template_data)
     _apply_policy(entry, allow_wildcards, policy)
-    _save(path, data)
+    _save(path, data, "update", name, allow_wildcards is not None or any(policy.values()))
 
 
 @provisioner.command("remove")
@@ -273,7 +279,7 @@ def provisioner_remove(name: str, ca_config: Path | None) -> None:
     if len(after) == len(before):
         raise BadRequest(f"no provisioner named {name!r}")
     data["authority"]["provisioners"] = after
-    _save(path, data)
+    _save(path, data, "remove", name)
 
 
 @provisioner.command("list")

@@ -11,6 +11,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from appliance.audit import AuditEvent
 from appliance.config import CrlConfig
 from appliance.errors import NotFound
 from appliance.issuance.issuer import Issuer
@@ -84,6 +85,9 @@ class CrlService:
                                          next_update)
         der = crl.public_bytes(serialization.Encoding.DER)
         await self.store.record_crl(number, der)
+        await self.issuer.record(AuditEvent("crl.generate", "success", "ca",
+                                            {"number": number, "entries": len(entries),
+                                             "next_update": next_update.isoformat()}))
         log.info("crl_generated", number=number, entries=len(entries),
                  next_update=next_update.isoformat())
         return CrlRecord(number, now, next_update, der)

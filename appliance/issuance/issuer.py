@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from appliance.audit import AuditError, AuditEvent, AuditLog, Signer, sign_message
 from appliance.errors import Unauthorized, Unavailable
 from appliance.issuance.names import san_to_text
 from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
@@ -47,6 +48,7 @@ class IssuanceRequest:
     provisioner: str
     token_use: TokenUse | None = None
     key_usage: x509.KeyUsage | None = None  # None: digitalSignature (+ keyEncipherment for RSA)
+    audit_event: str = "cert.issue"  # cert.renew, cert.rekey
     ext_key_usage: tuple[x509.ObjectIdentifier, ...] = (
         ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -91,7 +93,9 @@ class Issuer:
         signing_key: CertificateIssuerPrivateKeyTypes,
         run_signing: SigningRunner,
         store: Store,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit
         self.certificate = certificate
         self.chain = chain  # intermediate(s) up to, not including, the root
         self._key = signing_key
@@ -126,7 +130,30 @@ class Issuer:
             await self._store.record_failure(serial)
             raise Unavailable("the token could not sign the certificate; try again") from None
         await self._store.record_certificate(serial, cert.public_bytes(serialization.Encoding.DER))
+        await self.record(AuditEvent(
+            request.audit_event, "success", f"provisioner:{request.provisioner}",
+            {"serial": format(serial, "x"), "subject": intent.subject, "names": list(intent.sans),
+             "not_before": request.not_before.isoformat(),
+             "not_after": request.not_after.isoformat()}))
         return IssuedCertificate(cert, self.chain)
+
+    async def record(self, event: AuditEvent) -> None:
+        """Write an audit record; fail closed: no record, no certificate (or CRL, revocation)."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.append(event)
+        except AuditError:
+            log.error("audit_write_failed", event=event.event)
+            raise Unavailable("the audit log cannot be written: issuance is stopped until it "
+                              "can be") from None
+
+    def audit_signer(self) -> Signer:
+        """Checkpoint signatures by the issuer key, on the token's thread."""
+        async def sign(message: bytes) -> bytes:
+            signature: bytes = await self._run_signing(partial(sign_message, self._key, message))
+            return signature
+        return sign
 
     async def sign_crl(self, entries: list[x509.RevokedCertificate], number: int,
                        this_update: datetime, next_update: datetime
