@@ -376,6 +376,7 @@ class Authority:
         if new_public_key is not None:
             ku = None  # keyEncipherment follows the new key's type
         issued = await self.issuer.issue(IssuanceRequest(
+            audit_event="cert.rekey" if new_public_key is not None else "cert.renew",
             subject=cert.subject, sans=sans, public_key=public_key,
             not_before=now - self.backdate, not_after=not_after, provisioner=provisioner.name,
             token_use=token_use, key_usage=ku, ext_key_usage=eku or IssuanceRequest.ext_key_usage,
