@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APPLIANCE_HOME ?= $(HOME)/.appliance
 export APPLIANCE_HOME
 # Debian packages: the token (softhsm2), pkcs11-tool (opensc) and openssl for the tests.
-APT_PACKAGES := softhsm2 opensc openssl ca-certificates python3-venv
+APT_PACKAGES := softhsm2 opensc openssl ca-certificates python3-venv systemd procps
 
 .PHONY: run test deps venv lint bench clean-venv
 
@@ -64,3 +64,9 @@ bench: deps venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Install the CA as a hardened systemd service, as root (docs/systemd.md): the `appliance` user,
+# a venv in /opt/appliance/venv, the issuer PIN in /etc/appliance, the unit, enabled.
+.PHONY: install
+install: deps
+	systemd/install.sh
