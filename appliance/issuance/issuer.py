@@ -60,10 +60,12 @@ class IssuanceRequest:
 class IssuedCertificate:
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
+    chain_pem: tuple[str, ...] = ()  # the chain's PEM, encoded once per issuer, not per request
 
     def pem_chain(self) -> list[str]:
-        return [c.public_bytes(serialization.Encoding.PEM).decode()
-                for c in (self.certificate, *self.chain)]
+        chain = list(self.chain_pem) or [c.public_bytes(serialization.Encoding.PEM).decode()
+                                         for c in self.chain]
+        return [self.certificate.public_bytes(serialization.Encoding.PEM).decode(), *chain]
 
 
 def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
@@ -98,6 +100,8 @@ class Issuer:
         self.audit = audit
         self.certificate = certificate
         self.chain = chain  # intermediate(s) up to, not including, the root
+        self._chain_pem = tuple(c.public_bytes(serialization.Encoding.PEM).decode()
+                                for c in chain)
         self._key = signing_key
         self._hash = signature_hash(signing_key)
         self._run_signing = run_signing
@@ -135,7 +139,7 @@ class Issuer:
             {"serial": format(serial, "x"), "subject": intent.subject, "names": list(intent.sans),
              "not_before": request.not_before.isoformat(),
              "not_after": request.not_after.isoformat()}))
-        return IssuedCertificate(cert, self.chain)
+        return IssuedCertificate(cert, self.chain, self._chain_pem)
 
     async def record(self, event: AuditEvent) -> None:
         """Write an audit record; fail closed: no record, no certificate (or CRL, revocation)."""

@@ -90,10 +90,10 @@ def test_other_key_and_algorithms_refused(provisioner: JwkProvisioner) -> None:
     claims = {"iss": "admin", "sub": "a.test", "aud": AUD, "exp": now + 60, "nbf": now,
               "jti": "x" * 16}
     unsigned = jwt.encode(claims, None, algorithm="none")
-    with pytest.raises(Unauthorized, match="algorithm 'none'"):
+    with pytest.raises(Unauthorized, match="algorithm does not match the provisioner key"):
         provisioner.verify_token(unsigned, [AUD], FP)
     hmac = jwt.encode(claims, "secret-secret-secret-secret-secret", algorithm="HS256")
-    with pytest.raises(Unauthorized, match="algorithm 'HS256'"):
+    with pytest.raises(Unauthorized, match="algorithm does not match the provisioner key"):
         provisioner.verify_token(hmac, [AUD], FP)
 
 
