@@ -137,9 +137,12 @@ class CaClient:
         data = await self.request("POST", "/1.0/renew", {}, headers=headers)
         return [x509.load_pem_x509_certificate(p.encode()) for p in data["certChain"]]
 
-    async def rekey(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+    async def rekey(self, csr: x509.CertificateSigningRequest, bearer: str | None = None
+                    ) -> list[x509.Certificate]:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
         data = await self.request(
-            "POST", "/1.0/rekey", {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()})
+            "POST", "/1.0/rekey", {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()},
+            headers=headers)
         return [x509.load_pem_x509_certificate(p.encode()) for p in data["certChain"]]
 
     async def revoke(self, serial: int, ott: str | None, reason_code: int, reason: str) -> None:

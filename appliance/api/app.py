@@ -217,7 +217,8 @@ async def intermediates_pem(request: web.Request) -> web.Response:
 
 
 async def provisioners(request: web.Request) -> web.Response:
-    """step-ca pagination: `cursor` is the kid to start at, `limit` at most 100 (default 20)."""
+    """step-ca pagination (`cursor` opaque, `limit` at most 100, default 20), in ca.json order,
+    so that clients that take the first JWK provisioner take the one listed first."""
     state = request.app[STATE]
     try:
         limit = int(request.query.get("limit", "20"))
@@ -225,12 +226,13 @@ async def provisioners(request: web.Request) -> web.Response:
         raise BadRequest("limit must be a whole number") from None
     if not 1 <= limit <= 100:
         raise BadRequest("limit must be between 1 and 100")
-    items = sorted(state.authority.provisioners, key=lambda p: p.credential_id)
+    items = state.authority.provisioners
     cursor = request.query.get("cursor", "")
-    start = next((i for i, p in enumerate(items) if p.credential_id >= cursor),
-                 len(items)) if cursor else 0
+    if cursor and not cursor.isdigit():
+        raise BadRequest("cursor must be a value returned as nextCursor")
+    start = int(cursor) if cursor else 0
     page = items[start:start + limit]
-    next_cursor = items[start + limit].credential_id if start + limit < len(items) else ""
+    next_cursor = str(start + limit) if start + limit < len(items) else ""
     return web.json_response({"provisioners": [p.public_json() for p in page],
                               "nextCursor": next_cursor})
 
@@ -285,14 +287,22 @@ async def renew(request: web.Request) -> web.Response:
 
 
 async def rekey(request: web.Request) -> web.Response:
+    """mTLS with the current certificate, or an x5c Bearer token (certificates without
+    clientAuth cannot be TLS client certificates); an expired certificate cannot rekey."""
     state = request.app[STATE]
-    peer = peer_certificate(request)
+    auth = request.headers.get("Authorization", "")
+    peer: x509.Certificate | None
+    if auth.lower().startswith("bearer "):
+        peer, token_use = verify_renew_token(auth[7:].strip(), state.authority.rekey_audiences,
+                                             time.time())
+    else:
+        peer, token_use = peer_certificate(request), None
     if peer is None:
-        raise Unauthorized("rekey needs the current certificate over mTLS")
+        raise Unauthorized("rekey needs the current certificate over mTLS or an x5c token")
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
         raise BadRequest("missing csr: a PEM certificate request for the new key is required")
-    issued, provisioner = await state.authority.rekey(peer, body["csr"])
+    issued, provisioner = await state.authority.rekey(peer, body["csr"], token_use)
     request["provisioner"] = provisioner
     return _issued_response(state, issued, 201)
 

@@ -173,6 +173,7 @@ class Authority:
         self.sign_audiences = audiences_for(config, "/sign")
         self.revoke_audiences = audiences_for(config, "/revoke")
         self.renew_audiences = audiences_for(config, "/renew")
+        self.rekey_audiences = audiences_for(config, "/rekey")
         self.crl = CrlService(self.issuer, self.store, config.crl, self._clock)
         self._crl_dp = (x509.CRLDistributionPoints([x509.DistributionPoint(
             full_name=[x509.UniformResourceIdentifier(config.crl_url())], relative_name=None,
@@ -303,6 +304,12 @@ class Authority:
                     x509.Extension(dp.oid, False, dp),)
             extensions += desc.extensions
 
+        try:
+            subject.rfc4514_string().encode("utf-8")
+            for name in sans:
+                san_to_text(name).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("names must be valid Unicode text") from None
         self.check_policy(provisioner, subject, sans)
         return await self.issuer.issue(IssuanceRequest(
             subject=subject,
@@ -387,11 +394,13 @@ class Authority:
             extra_extensions=self.common_extensions(provisioner)))
         return issued, provisioner.name
 
-    async def rekey(self, cert: x509.Certificate, untrusted_csr: str
-                    ) -> tuple[IssuedCertificate, str]:
-        """A new key for the same identity (mTLS with the current certificate only)."""
+    async def rekey(self, cert: x509.Certificate, untrusted_csr: str,
+                    token_use: TokenUse | None = None) -> tuple[IssuedCertificate, str]:
+        """A new key for the same identity; never for an expired certificate."""
         csr = parse_csr_pem(untrusted_csr)
-        return await self.renew(cert, new_public_key=csr.public_key())
+        if self._now() > cert.not_valid_after_utc:
+            raise Unauthorized("an expired certificate cannot be rekeyed; renew it first")
+        return await self.renew(cert, new_public_key=csr.public_key(), token_use=token_use)
 
     async def revoke(self, request: RevokeRequest, peer: x509.Certificate | None,
                      method: str = "mtls") -> str:

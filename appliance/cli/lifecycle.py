@@ -18,6 +18,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.authority.lifecycle import mint_renew_token, parse_serial
 from appliance.authority.provisioners.jwk_keys import generate_key
@@ -69,12 +70,22 @@ def confirm_overwrite(path: Path, force: bool) -> None:
     raise BadRequest(f"{path} would be overwritten; use --force")
 
 
+def can_be_tls_client(cert: x509.Certificate) -> bool:
+    """TLS refuses a client certificate whose extendedKeyUsage lacks clientAuth."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
+
+
 async def renew_once(client_args: tuple[str, Path], crt_file: Path, key_file: Path
                      ) -> list[x509.Certificate]:
-    """mTLS while the certificate is valid; an x5c token once it has expired."""
+    """mTLS while the certificate is valid and may be a TLS client certificate; otherwise an
+    x5c token signed by its key (expired certificates, serverAuth-only certificates)."""
     cert, key = load_pair(crt_file, key_file)
     ca_url, root = client_args
-    if datetime.now(UTC) < cert.not_valid_after_utc:
+    if datetime.now(UTC) < cert.not_valid_after_utc and can_be_tls_client(cert):
         return await CaClient(ca_url, root, (crt_file, key_file)).renew()
     client = CaClient(ca_url, root)
     return await client.renew(bearer=mint_renew_token(cert, key, f"{client.ca_url}/1.0/renew"))
@@ -216,7 +227,7 @@ def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force
           ca_url: str | None, root: Path | None) -> None:
     """A new key pair and certificate for the same identity (over mTLS)."""
     client, _ = client_from(ca_url, root)
-    cert, _ = load_pair(crt_file, key_file)
+    cert, old_key = load_pair(crt_file, key_file)
     confirm_overwrite(crt_file, force)
     new_key = generate_key(kty, curve, size)
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
@@ -226,8 +237,13 @@ def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force
     except x509.ExtensionNotFound:
         sans = []
     csr = make_csr(new_key, str(cn[0].value) if cn else "", sans)
-    mtls = CaClient(client.ca_url, root or client_root(client), (crt_file, key_file))
-    chain = run(mtls.rekey(csr))
+    if can_be_tls_client(cert):
+        mtls = CaClient(client.ca_url, root or client_root(client), (crt_file, key_file))
+        chain = run(mtls.rekey(csr))
+    else:
+        plain = CaClient(client.ca_url, root or client_root(client))
+        chain = run(plain.rekey(csr, bearer=mint_renew_token(
+            cert, old_key, f"{plain.ca_url}/1.0/rekey")))
     write_files([
         (key_file, new_key.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,

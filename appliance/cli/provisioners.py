@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from cryptography.hazmat.primitives import serialization
+from pydantic import ValidationError
 
 from appliance.authority.authority import load_template
 from appliance.authority.claims import Claims
@@ -67,7 +68,13 @@ def _claims(existing: dict[str, Any] | None, min_dur: str | None, max_dur: str |
                        ("allowRenewalAfterExpiry", allow_after_expiry)):
         if value is not None:
             claims[key] = value
-    ClaimsConfig.model_validate(claims)
+    try:
+        ClaimsConfig.model_validate(claims)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: "
+                             f"{str(err['msg']).removeprefix('Value error, ')}"
+                             for err in e.errors()[:3])
+        raise BadRequest(f"invalid claims: {problems}") from None
     return claims or None
 
 

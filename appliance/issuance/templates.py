@@ -333,7 +333,15 @@ class X509Template:
 
     def render(self, data: TemplateData) -> CertificateDescription:
         """Render for one request; BadRequest saying what went wrong if the result is unusable."""
-        return self._render(_context(data))
+        try:
+            return self._render(_context(data))
+        except UnicodeError:
+            raise BadRequest("the template produced text that is not valid Unicode") from None
+        except ValueError as e:
+            # cryptography refuses some values (a malformed URI host, a non-ASCII mailbox):
+            # that is the request's or the template's data, never a server fault.
+            raise BadRequest(f"the template produced an unusable value: {str(e)[:200]}"
+                             ) from None
 
     def check(self, provisioner_data: Mapping[str, Any] | None = None) -> None:
         """Render once with sample data; ConfigError if the template cannot produce a leaf.

@@ -153,11 +153,16 @@ class CaServer:
 
     # -- the CLI -------------------------------------------------------------------------------
     def run_cli(self, *args: str | Path, home: Path | None = None, check: bool = True,
-                timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """Run `applianctl ARGS` with APPLIANCE_HOME=home (default: the client home)."""
+                timeout: float = CLI_TIMEOUT, input: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+        """Run `applianctl ARGS` with APPLIANCE_HOME=home (default: the client home).
+
+        `input` (e.g. "" or "y\n") makes stdin a pipe, so the CLI knows it has no terminal.
+        """
         result = subprocess.run(
             [APPLIANCTL, *map(str, args)], env=clean_env(home or self.client_home),
-            cwd=self.work, capture_output=True, text=True, timeout=timeout, check=False)
+            cwd=self.work, capture_output=True, text=True, timeout=timeout, check=False,
+            input=input)
         if check and result.returncode != 0:
             pytest.fail(describe(result), pytrace=False)
         return result
@@ -373,3 +378,49 @@ class Api:
                                   headers={"Content-Type": "application/json"})
 
 
+
+# -- helpers shared by the lifecycle and provisioner modules ---------------------------------------
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's failure contract: exit 1, nothing but `error: ...` on one line of stderr."""
+    assert result.returncode == 1, (
+        f"expected exit 1, got {result.returncode}:\n{describe(result)}")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (
+        f"expected one 'error: ...' line on stderr, got:\n{result.stderr}")
+    return lines[0]
+
+
+def sighup_and_wait(ca: CaServer, event: str = "config_reloaded", count: int = WORKERS,
+                    timeout: float = 30.0) -> list[dict[str, Any]]:
+    """SIGHUP the server and wait for `count` `event` log lines (one per worker by default)."""
+    since = ca.log_size()
+    ca.signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in ca.events(since) if e.get("event") == event]
+        if len(found) >= count:
+            return found
+        refused = [e for e in ca.events(since) if e.get("event") == "reload_refused"]
+        if refused and event != "reload_refused":
+            pytest.fail(f"the server refused the reload: {refused[0]}", pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {count} x {event!r} within {timeout:.0f} s of SIGHUP; log:\n"
+                        f"{ca.log_tail()}", pytrace=False)
+        time.sleep(0.05)
+
+
+def provisioner_tokens(ca: CaServer, name: str, audience: str | None = None) -> Tokens:
+    """Tokens for provisioner `name` of ca.json, its key decrypted with the test password."""
+    from appliance.authority.provisioners.jwk_keys import decrypt_private_key
+
+    config = json.loads(ca.config_path.read_text())
+    (entry,) = [p for p in config["authority"]["provisioners"] if p["name"] == name]
+    key, _ = decrypt_private_key(entry["encryptedKey"], ca.provisioner_password.encode())
+    return Tokens(TokenSigner.for_key(key, name), audience or ca.sign_audience, ca.fingerprint)
+
+
+def server_errors(ca: CaServer, since: int = 0) -> list[dict[str, Any]]:
+    """Log lines of requests that ended in a 5xx or an unhandled exception."""
+    return [e for e in ca.events(since)
+            if e.get("event") == "unhandled_error"
+            or (e.get("event") == "request" and int(e.get("status", 0)) >= 500)]
