@@ -71,6 +71,15 @@ class ServeOptions:
 
 
 # -- worker -------------------------------------------------------------------------------------
+def run_loop(coro: Any) -> Any:
+    """uvloop where installed: the workers' per-request cost is mostly event-loop work."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
                 control: Conn) -> None:
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
@@ -78,7 +87,7 @@ def worker_main(index: int, config_path: str, log_format: str, resolver: str | N
     structlog.contextvars.bind_contextvars(worker=index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     try:
-        code = asyncio.run(_worker(index, Path(config_path), resolver, control))
+        code = run_loop(_worker(index, Path(config_path), resolver, control))
     except ApplianceError as e:
         with contextlib.suppress(OSError):
             control.send(("error", e.message))
