@@ -405,10 +405,17 @@ def load_config(path: Path) -> CaConfig:
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
     """Write JSON so that a reader sees the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        owner: tuple[int, int] | None = (path.stat().st_uid, path.stat().st_gid)
+    except FileNotFoundError:
+        owner = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), mode)
+            if owner is not None and os.geteuid() == 0:
+                # root editing a service's file (provisioner add, rekey-shares) keeps its owner
+                os.fchown(f.fileno(), *owner)
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()

@@ -32,11 +32,17 @@ class Runtime:
     root: x509.Certificate
     intermediate: x509.Certificate
     audit: AuditLog
+    _logout_recorded: bool = False
+
+    async def record_logout(self) -> None:
+        if not self._logout_recorded:
+            self._logout_recorded = True
+            with contextlib.suppress(AuditError):
+                await self.audit.append(AuditEvent("token.logout", "success", process_actor(),
+                                                   {"label": self.keystore.token_label}))
 
     async def close(self) -> None:
-        with contextlib.suppress(AuditError):
-            await self.audit.append(AuditEvent("token.logout", "success", process_actor(),
-                                               {"label": self.keystore.token_label}))
+        await self.record_logout()
         await self.audit.close()
         await self.store.close()
         self.keystore.close()

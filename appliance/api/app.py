@@ -123,7 +123,7 @@ async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse
                      "reason": str(request.get("error") or "")[:500],
                      "provisioner": request.get("provisioner")}))
             except AuditError:
-                log.error("audit_write_failed", event="request.refused")
+                log.error("audit_write_failed", audit_event="request.refused")
     return response
 
 

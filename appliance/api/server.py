@@ -234,6 +234,7 @@ class Supervisor:
         self.failed = False
         self._audit = audit_log(config, self.home)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stop_recorded = False
 
     @property
     def config(self) -> CaConfig:
@@ -285,7 +286,8 @@ class Supervisor:
                 await self._unsealed_phase()
         finally:
             notify("STOPPING=1", "STATUS=stopping")
-            await self._record("server.stop", "success", {"pid": os.getpid()})
+            if not self._stop_recorded:
+                await self._record("server.stop", "success", {"pid": os.getpid()})
             await self._audit.close()
             if self._sealed_runner is not None:
                 await self._sealed_runner.cleanup()
@@ -319,7 +321,7 @@ class Supervisor:
         try:
             await self._audit.append(AuditEvent(event, outcome, actor, details))
         except AuditError:
-            log.error("audit_write_failed", event=event)
+            log.error("audit_write_failed", audit_event=event)
 
     async def _checkpoint(self) -> None:
         """A record signed by the issuer key over the chain head (needs the token: unsealed)."""
@@ -459,6 +461,10 @@ class Supervisor:
             except (TimeoutError, ApplianceError) as e:
                 reason = e.message if isinstance(e, ApplianceError) else "workers did not start"
                 log.error("start_failed", reason=reason)
+                if self.quorum:
+                    # Back to sealed rather than down: custodians can try again.
+                    self._pin = None
+                    return
                 raise ApplianceError(f"cannot serve: {reason}") from None
             if self._sealed_runner is not None:
                 await self._sealed_runner.cleanup()  # workers now answer on the port
@@ -480,7 +486,12 @@ class Supervisor:
             log.info("stopping" if self._stop.is_set() else "sealing_workers")
         finally:
             await self._shutdown()
-            await self._checkpoint()  # the chain head at stop (or seal) is signed
+            # The last records go in before the checkpoint, so the signature covers them.
+            await self.runtime.record_logout()
+            if self._stop.is_set() and not self._stop_recorded:
+                await self._record("server.stop", "success", {"pid": os.getpid()})
+                self._stop_recorded = True
+            await self._checkpoint()
             await self.runtime.close()
             self.runtime = None
         if self._seal.is_set() and not self._stop.is_set():

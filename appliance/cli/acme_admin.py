@@ -45,6 +45,14 @@ def _run_op(db: Path, op: Any) -> Any:
         raise BadRequest(str(e)) from None
 
 
+def _record(ca_config: Path | None, action: str, provisioner: str, ref: str | None) -> None:
+    from appliance.cli.audit_cmd import record_cli_event
+
+    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    record_cli_event(path, "provisioner.change", {"action": f"eab-{action}",
+                                                  "name": provisioner, "eab": ref})
+
+
 @cli.group()
 def acme() -> None:
     """ACME administration."""
@@ -66,6 +74,7 @@ ca_config_option = click.option("--ca-config", type=click.Path(path_type=Path),
 def eab_add(provisioner: str, reference: str | None, ca_config: Path | None) -> None:
     """Create an EAB key; prints the key id and the HMAC key (shown once)."""
     _, db = _acme_config(ca_config, provisioner)
+    _record(ca_config, "add", provisioner, reference)
     key: st.EabKey = _run_op(db, st.op_add_eab(provisioner, reference))
     hmac_b64 = base64.urlsafe_b64encode(key.hmac_key).rstrip(b"=").decode()
     click.echo(json.dumps({"kid": key.kid, "hmacKey": hmac_b64, "reference": reference,
@@ -94,6 +103,7 @@ def eab_list(provisioner: str, ca_config: Path | None) -> None:
 def eab_remove(provisioner: str, kid: str, ca_config: Path | None) -> None:
     """Remove an EAB key (an account already bound with it keeps working)."""
     _, db = _acme_config(ca_config, provisioner)
+    _record(ca_config, "remove", provisioner, kid)
     if not _run_op(db, st.op_remove_eab(provisioner, kid)):
         raise BadRequest(f"no EAB key {kid!r} for provisioner {provisioner!r}")
     click.echo(f"Removed EAB key {kid}.")

@@ -217,7 +217,7 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
     from appliance.cli.audit_cmd import record_cli_event
 
     record_cli_event(result.config_path, "ca.init", {
-        "name": name, "root_sha256": result.root_fingerprint, "key": kty,
+        "name": name, "root_sha256": result.root_fingerprint, "key_type": kty,
         "module": module, "root_label": root_token, "issuer_label": issuer_token,
         "quorum": quorum or None})
     click.echo(f"Root certificate: {result.root_path}")
@@ -310,7 +310,13 @@ def root(file: Path | None, ca_url: str | None, sha: str | None, root: Path | No
 def health(ca_url: str | None, root: Path | None) -> None:
     """Check that the CA is up."""
     client, _ = client_from(ca_url, root)
-    click.echo(run(client.health()))
+    try:
+        click.echo(run(client.health()))
+    except ClientError as e:
+        if e.status == 503 and "sealed" in e.message:
+            raise ApplianceError("the CA is sealed: custodians must run 'applianctl unlock'"
+                                 ) from None
+        raise
 
 
 async def _mint(client: CaClient, defaults: Defaults | None, subject: str, sans: list[str],

@@ -50,10 +50,11 @@ def _save(path: Path, data: dict[str, Any], action: str, name: str,
         load_template(p, home_of(path))  # compiles and sample-renders; ConfigError names it
     from appliance.cli.audit_cmd import record_cli_event
 
-    write_config(path, config)
+    # Recorded first: a change the audit log cannot hold is not made.
     record_cli_event(path, "provisioner.change", {"action": action, "name": name})
     if policy_changed:
         record_cli_event(path, "policy.change", {"provisioner": name})
+    write_config(path, config)
     click.echo(f"Success! {path} has been updated. Reload the CA to use it: "
                "`systemctl reload appliance` or `kill -HUP <pid>`.")
 

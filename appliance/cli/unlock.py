@@ -101,6 +101,11 @@ def rekey_shares_cmd(quorum: str, share_dir: Path, share_files: tuple[Path, ...]
     path = (ca_config or default_home() / "config" / "ca.json").absolute()
     config = load_config(path)
     sealed = SealedPin.load(resolve_path(home_of(path), config.unlock.sealed_pin))
+    from appliance.cli.audit_cmd import record_cli_event
+
     current = _share_texts(share_files, sealed.threshold)
-    paths = rekey_shares(path, current, parse_quorum(quorum), share_dir)
+    new_quorum = parse_quorum(quorum)
+    record_cli_event(path, "unseal.share", {"action": "rekey-shares",
+                                            "quorum": f"{new_quorum[0]}/{new_quorum[1]}"})
+    paths = rekey_shares(path, current, new_quorum, share_dir)
     click.echo(f"{len(paths)} new shares in {share_dir}; the previous shares no longer work.")

@@ -8,6 +8,7 @@ the requester sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -125,6 +126,16 @@ class Issuer:
             await self._store.reserve(intent)
         except TokenReused:
             raise Unauthorized("token already used: one-time tokens cannot be replayed") from None
+        details = {"serial": format(serial, "x"), "subject": intent.subject,
+                   "names": list(intent.sans), "not_before": request.not_before.isoformat(),
+                   "not_after": request.not_after.isoformat()}
+        actor = f"provisioner:{request.provisioner}"
+        try:
+            # The audit record comes before the signature: no certificate exists unrecorded.
+            await self.record(AuditEvent(request.audit_event, "success", actor, details))
+        except Unavailable:
+            await self._store.record_failure(serial)
+            raise
         try:
             # Shielded: a client that drops mid-request must not abandon a signature halfway.
             cert: x509.Certificate = await asyncio.shield(
@@ -132,13 +143,11 @@ class Issuer:
         except Exception as e:
             log.error("token_sign_failed", serial=format(serial, "x"), error=type(e).__name__)
             await self._store.record_failure(serial)
+            with contextlib.suppress(Unavailable):
+                await self.record(AuditEvent(request.audit_event, "failure", actor,
+                                             {**details, "reason": "the token did not sign"}))
             raise Unavailable("the token could not sign the certificate; try again") from None
         await self._store.record_certificate(serial, cert.public_bytes(serialization.Encoding.DER))
-        await self.record(AuditEvent(
-            request.audit_event, "success", f"provisioner:{request.provisioner}",
-            {"serial": format(serial, "x"), "subject": intent.subject, "names": list(intent.sans),
-             "not_before": request.not_before.isoformat(),
-             "not_after": request.not_after.isoformat()}))
         return IssuedCertificate(cert, self.chain, self._chain_pem)
 
     async def record(self, event: AuditEvent) -> None:
@@ -148,7 +157,7 @@ class Issuer:
         try:
             await self.audit.append(event)
         except AuditError:
-            log.error("audit_write_failed", event=event.event)
+            log.error("audit_write_failed", audit_event=event.event)
             raise Unavailable("the audit log cannot be written: issuance is stopped until it "
                               "can be") from None
 

@@ -70,7 +70,33 @@ def test_audit_chain_through_a_real_run(ca: CaServer, tokens: Tokens, tmp_path: 
         copy.write_bytes(bytes(raw))
         assert ca.run_cli("audit", "verify", copy, home=ca.ca_home, check=False).returncode == 1
         tail = ca.run_cli("audit", "tail", "-n", "3", home=ca.ca_home).stdout.splitlines()
-        assert len(tail) == 3 and json.loads(tail[-1])["event"] == "server.stop"
+        # The stop checkpoint comes last, so its signature covers the final records too.
+        assert len(tail) == 3 and [json.loads(t)["event"] for t in tail[1:]] == [
+            "server.stop", "checkpoint"], tail
         shutil.copy(audit, tmp_path / "kept.jsonl")
     finally:
         ca.start()
+
+
+def test_issuance_fails_closed_when_the_audit_log_cannot_be_written(ca: CaServer,
+                                                                     tokens: Tokens) -> None:
+    import subprocess
+
+    audit = ca.ca_home / "audit" / "audit.jsonl"
+    immutable = subprocess.run(["chattr", "+i", str(audit)], capture_output=True, text=True)
+    assert immutable.returncode == 0, f"chattr +i failed: {immutable.stderr}"
+    try:
+        ca.run_cli("bootstrap", "--ca-url", ca.url, "--fingerprint", ca.fingerprint, "--force")
+        refused = ca.run_cli("certificate", "closed.test", ca.work / "c.crt", ca.work / "c.key",
+                             "--password-file", ca.provisioner_password_file, "--force",
+                             check=False)
+        assert refused.returncode == 1
+        assert "the audit log cannot be written" in refused.stderr, refused.stderr
+        assert not (ca.work / "c.crt").exists()
+        assert not [e for e in ca.events() if e.get("status") == 500], "a 500 was served"
+    finally:
+        subprocess.run(["chattr", "-i", str(audit)], check=True)
+    ok = ca.run_cli("certificate", "open.test", ca.work / "o.crt", ca.work / "o.key",
+                    "--password-file", ca.provisioner_password_file, "--force")
+    assert ok.returncode == 0
+    assert ca.run_cli("audit", "verify", home=ca.ca_home).returncode == 0
