@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
 import time
@@ -45,6 +46,7 @@ from appliance.storage.sqlite import SqliteStore, serial_hex
 log = structlog.get_logger("appliance.acme")
 
 MAX_IDENTIFIERS = 100
+CHALLENGE_WAIT = 2.0  # seconds a challenge POST waits for its validation before answering
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -206,7 +208,7 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
         key = account.jwk
     jws.verify(message, key)
     if account is not None and account.status != "valid":
-        raise problem("unauthorized", f"the account is {account.status}")
+        raise problem("unauthorized", f"the account is {account.status}", 401)
     if need_account and account is None and not jwk_allowed:
         raise problem("accountDoesNotExist", "no account")
     return Authenticated(message, account, key)
@@ -260,7 +262,7 @@ async def new_account(request: web.Request) -> web.Response:
     existing = await ctx.store.run_op(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if existing is not None:
         if existing.status != "valid":
-            raise problem("unauthorized", f"the account for this key is {existing.status}")
+            raise problem("unauthorized", f"the account for this key is {existing.status}", 401)
         return _json(ctx, _account_json(ctx, existing), 200, ctx.url("account", existing.id))
     if payload.get("onlyReturnExisting") is True:
         raise problem("accountDoesNotExist", "no account exists for this key")
@@ -337,7 +339,7 @@ async def key_change(request: web.Request) -> web.Response:
     thumb = jws.thumbprint(new_jwk)
     other = await ctx.store.run_op(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if other is not None:
-        response = web.json_response(problem("malformed", "another account uses that key")
+        response = web.json_response(problem("malformed", "another account uses that key", 409)
                                      .to_json(), status=409,
                                      content_type="application/problem+json")
         response.headers["Location"] = ctx.url("account", other.id)
@@ -550,7 +552,10 @@ async def authz(request: web.Request) -> web.Response:
             raise problem("malformed", "an authorization's status can only become deactivated")
         await ctx.store.run_op(st.op_deactivate_authz(a.id))
         a = await _owned_authz(ctx, a.id, auth.account)
-    return _json(ctx, _authz_json(ctx, a))
+    response = _json(ctx, _authz_json(ctx, a))
+    if a.status == "pending" and any(c.status == "processing" for c in a.challenges):
+        response.headers["Retry-After"] = "1"
+    return response
 
 
 async def challenge(request: web.Request) -> web.Response:
@@ -565,15 +570,22 @@ async def challenge(request: web.Request) -> web.Response:
         if a.status != "pending" or a.expires < time.time():
             raise problem("malformed", f"the authorization is {a.status}; it cannot be validated")
         if await ctx.store.run_op(st.op_start_challenge(chal.id)):
-            _spawn_validation(ctx.state, a, chal, auth.account.jwk)
+            task = _spawn_validation(ctx.state, a, chal, auth.account.jwk)
+            # Most validations take milliseconds: answering with the outcome saves clients a
+            # polling round (lego waits 5 s when told "processing" without Retry-After).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), CHALLENGE_WAIT)
         chal = await ctx.store.run_op(st.op_get_challenge(chal.id))
         assert chal is not None
     up = f'<{ctx.url("authz", a.id)}>;rel="up"'
-    return _json(ctx, _challenge_json(ctx, chal), 200, links=[up])
+    response = _json(ctx, _challenge_json(ctx, chal), 200, links=[up])
+    if chal.status in ("pending", "processing"):
+        response.headers["Retry-After"] = "1"
+    return response
 
 
 def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
-                      account_jwk: dict[str, Any]) -> None:
+                      account_jwk: dict[str, Any]) -> asyncio.Task[None]:
     """Validate off the request path, bounded in time and in how many run at once."""
     async def run() -> None:
         if state.semaphore is None:
@@ -603,6 +615,7 @@ def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
     task = asyncio.get_running_loop().create_task(run())
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
+    return task
 
 
 async def _validate(settings: ValidationSettings, a: st.AcmeAuthz, chal: st.AcmeChallenge,

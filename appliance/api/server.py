@@ -51,7 +51,7 @@ from appliance.runtime import Runtime, audit_log, open_runtime
 from appliance.storage import acme as acme_storage
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
-from hsm.errors import HsmError
+from hsm.errors import DeviceError, HsmError, TokenNotFound
 
 log = structlog.get_logger("appliance.server")
 
@@ -104,7 +104,17 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     loop = asyncio.get_running_loop()
     kind, pin, chain, key_pem = control.recv()
     assert kind == "start"
-    runtime = await open_runtime(config_path, pin)
+    for attempt in range(4):
+        try:
+            runtime = await open_runtime(config_path, pin)
+            break
+        except HsmError as e:
+            # SoftHSM2 can miss a token while another process is loading it (a race in its
+            # token directory scan): the supervisor has just logged in, so try again briefly.
+            if attempt == 3 or not isinstance(e, TokenNotFound | DeviceError):
+                raise
+            log.warning("token_login_retry", attempt=attempt + 1, reason=str(e)[:200])
+            await asyncio.sleep(0.3 * (attempt + 1))
     del pin
     ssl_context = server_context(runtime.config.tls, chain, key_pem, pem(runtime.root))
     del key_pem
