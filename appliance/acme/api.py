@@ -201,7 +201,7 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
         if not message.kid.startswith(prefix):
             raise problem("accountDoesNotExist", "the kid is not an account URL of this "
                                                  "provisioner")
-        account = await ctx.store.run_op(st.op_find_account(
+        account = await ctx.store.run_read(st.op_find_account(
             ctx.provisioner.name, account_id=message.kid[len(prefix):]))
         if account is None:
             raise problem("accountDoesNotExist", "no account with this kid exists")
@@ -259,7 +259,7 @@ async def new_account(request: web.Request) -> web.Response:
     auth = await authenticate(ctx, jwk_allowed=True, kid_allowed=False, need_account=False)
     payload = auth.message.payload_json()
     thumb = jws.thumbprint(auth.jwk)
-    existing = await ctx.store.run_op(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
+    existing = await ctx.store.run_read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if existing is not None:
         if existing.status != "valid":
             raise problem("unauthorized", f"the account for this key is {existing.status}", 401)
@@ -288,7 +288,7 @@ async def new_account(request: web.Request) -> web.Response:
 
 async def _check_eab(ctx: Ctx, eab: Any, outer_jwk: dict[str, Any]) -> str:
     kid = _eab_kid(eab)
-    key = await ctx.store.run_op(st.op_get_eab(ctx.provisioner.name, kid))
+    key = await ctx.store.run_read(st.op_get_eab(ctx.provisioner.name, kid))
     if key is None:
         raise problem("unauthorized", "unknown external account key id")
     if key.account_id is not None:
@@ -337,7 +337,7 @@ async def key_change(request: web.Request) -> web.Response:
     inner = json.loads(auth.message.payload) if auth.message.payload else None
     new_jwk = jws.verify_key_change(inner, auth.message, account_url, auth.account.jwk)
     thumb = jws.thumbprint(new_jwk)
-    other = await ctx.store.run_op(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
+    other = await ctx.store.run_read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if other is not None:
         response = web.json_response(problem("malformed", "another account uses that key", 409)
                                      .to_json(), status=409,
@@ -476,14 +476,14 @@ def _random(n: int) -> bytes:
 
 
 async def _owned_order(ctx: Ctx, order_id: str, account: st.AcmeAccount) -> st.AcmeOrder:
-    order: st.AcmeOrder | None = await ctx.store.run_op(st.op_get_order(order_id))
+    order: st.AcmeOrder | None = await ctx.store.run_read(st.op_get_order(order_id))
     if order is None or order.provisioner != ctx.provisioner.name:
         raise problem("malformed", "no such order", 404)
     if order.account_id != account.id:
         raise problem("unauthorized", "the order belongs to another account")
     if order.status in ("pending", "ready") and order.expires < time.time():
         await ctx.store.run_op(st.op_purge(int(time.time())))
-        order = await ctx.store.run_op(st.op_get_order(order_id))
+        order = await ctx.store.run_read(st.op_get_order(order_id))
         assert order is not None
     return order
 
@@ -505,7 +505,7 @@ async def list_orders(request: web.Request) -> web.Response:
     assert auth.account is not None
     if request.match_info["id"] != auth.account.id:
         raise problem("unauthorized", "an account can only list its own orders")
-    ids = await ctx.store.run_op(st.op_list_orders(auth.account.id))
+    ids = await ctx.store.run_read(st.op_list_orders(auth.account.id))
     return _json(ctx, {"orders": [ctx.url("order", i) for i in ids]})
 
 
@@ -520,7 +520,7 @@ def _challenge_json(ctx: Ctx, chal: st.AcmeChallenge) -> dict[str, Any]:
 
 
 async def _owned_authz(ctx: Ctx, authz_id: str, account: st.AcmeAccount) -> st.AcmeAuthz:
-    authz: st.AcmeAuthz | None = await ctx.store.run_op(st.op_get_authz(authz_id))
+    authz: st.AcmeAuthz | None = await ctx.store.run_read(st.op_get_authz(authz_id))
     if authz is None:
         raise problem("malformed", "no such authorization", 404)
     if authz.account_id != account.id:
@@ -562,7 +562,7 @@ async def challenge(request: web.Request) -> web.Response:
     ctx = Ctx(request)
     auth = await authenticate(ctx)
     assert auth.account is not None
-    chal = await ctx.store.run_op(st.op_get_challenge(request.match_info["id"]))
+    chal = await ctx.store.run_read(st.op_get_challenge(request.match_info["id"]))
     if chal is None:
         raise problem("malformed", "no such challenge", 404)
     a = await _owned_authz(ctx, chal.authz_id, auth.account)
@@ -575,7 +575,7 @@ async def challenge(request: web.Request) -> web.Response:
             # polling round (lego waits 5 s when told "processing" without Retry-After).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), CHALLENGE_WAIT)
-        chal = await ctx.store.run_op(st.op_get_challenge(chal.id))
+        chal = await ctx.store.run_read(st.op_get_challenge(chal.id))
         assert chal is not None
     up = f'<{ctx.url("authz", a.id)}>;rel="up"'
     response = _json(ctx, _challenge_json(ctx, chal), 200, links=[up])
@@ -766,8 +766,8 @@ async def revoke_cert(request: web.Request) -> web.Response:
 
 
 async def _account_owns(ctx: Ctx, account: st.AcmeAccount, serial: str) -> bool:
-    for order_id in await ctx.store.run_op(st.op_list_orders(account.id)):
-        order = await ctx.store.run_op(st.op_get_order(order_id))
+    for order_id in await ctx.store.run_read(st.op_list_orders(account.id)):
+        order = await ctx.store.run_read(st.op_get_order(order_id))
         if order is not None and order.cert_serial == serial:
             return True
     return False

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -239,6 +240,12 @@ class SqliteStore:
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._closed = False
         self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Reads need neither the write lock nor an fsync: under WAL they see the last commit.
+        self._read_engine = create_engine(
+            f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool)
+        event.listen(self._read_engine, "connect", self._on_connect)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-reader")
 
     @classmethod
     def open(cls, path: Path) -> SqliteStore:
@@ -263,6 +270,8 @@ class SqliteStore:
             raise StorageError(f"cannot create the database {path}: {e.orig}") from None
         finally:
             store._engine.dispose()
+            store._read_engine.dispose()
+            store._reader.shutdown(wait=False)
             os.close(store._lock_fd)
 
     @staticmethod
@@ -366,6 +375,24 @@ class SqliteStore:
         """Run one storage operation (e.g. from appliance.storage.acme) in the writer."""
         return await self._submit(fn)
 
+    async def run_read(self, fn: Callable[[Connection], T]) -> T:
+        """Run a read-only operation on the reader connection (one consistent snapshot)."""
+        if self._closed:
+            raise StorageError("the database is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._read, fn)
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            with self._read_engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    return fn(conn)
+                finally:
+                    conn.exec_driver_sql("ROLLBACK")
+        except OperationalError as e:
+            raise StorageError(f"the database could not be read: {type(e.orig).__name__}"
+                               ) from None
+
     async def _submit(self, fn: Callable[[Connection], T]) -> T:
         if self._closed:
             raise StorageError("the database is closed")
@@ -430,14 +457,14 @@ class SqliteStore:
                 not_before=_dt(row.not_before), not_after=_dt(row.not_after),
                 provisioner=row.provisioner, status=row.status, der=row.der)
 
-        return await self._submit(op)
+        return await self.run_read(op)
 
     async def count_certificates(self, status: str = "issued") -> int:
         def op(conn: Connection) -> int:
             return int(conn.execute(select(func.count()).select_from(certificates)
                                     .where(certificates.c.status == status)).scalar() or 0)
 
-        return await self._submit(op)
+        return await self.run_read(op)
 
     async def purge_expired_tokens(self, now: datetime) -> int:
         def op(conn: Connection) -> int:
@@ -482,7 +509,7 @@ class SqliteStore:
                                .where(revocations.c.serial == serial_hex(serial))).first()
             return None if row is None else _revocation(row)
 
-        return await self._submit(op)
+        return await self.run_read(op)
 
     async def unexpired_revocations(self, now: datetime) -> list[RevocationRecord]:
         """Revocations whose certificate has not expired: the entries of the next CRL."""
@@ -491,7 +518,7 @@ class SqliteStore:
                                 .order_by(revocations.c.revoked_at))
             return [_revocation(r) for r in rows]
 
-        return await self._submit(op)
+        return await self.run_read(op)
 
     async def reserve_crl_number(self, this_update: datetime, next_update: datetime) -> int:
         """The next CRL number, reserved durably before the CRL is signed (monotonic)."""
@@ -520,7 +547,7 @@ class SqliteStore:
                 return None
             return CrlRecord(row.number, _dt(row.this_update), _dt(row.next_update), row.der)
 
-        return await self._submit(op)
+        return await self.run_read(op)
 
     async def close(self) -> None:
         if self._closed:
@@ -528,5 +555,7 @@ class SqliteStore:
         self._closed = True
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._reader.shutdown(wait=True)
+        self._read_engine.dispose()
         self._engine.dispose()
         os.close(self._lock_fd)
