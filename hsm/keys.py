@@ -11,7 +11,7 @@ on the PKCS#11 thread itself (builder.sign run via store.run_async calls sign() 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,7 +79,36 @@ def _digest(
     return hasher.finalize(), algorithm
 
 
-class TokenEllipticCurvePrivateKey(ec.EllipticCurvePrivateKey):
+class _InTheToken:
+    """What every token key shares: its token and reference, and that it never leaves."""
+
+    _store: Pkcs11KeyStore
+    _ref: KeyRef
+
+    @property
+    def ref(self) -> KeyRef:
+        return self._ref
+
+    @property
+    def store(self) -> Pkcs11KeyStore:
+        return self._store
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _never_leaves(self._ref)
+
+    def __copy__(self) -> Any:
+        return self  # one handle per key in the token: a copy is the same key
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Any:
+        return self
+
+
+class TokenEllipticCurvePrivateKey(_InTheToken, ec.EllipticCurvePrivateKey):
     """An EC private key in the token: ECDSA with the digest made here and CKM_ECDSA there."""
 
     def __init__(
@@ -93,14 +122,6 @@ class TokenEllipticCurvePrivateKey(ec.EllipticCurvePrivateKey):
                 raise _not_a(ref, "EC")
             public = fetched
         self._public = public
-
-    @property
-    def ref(self) -> KeyRef:
-        return self._ref
-
-    @property
-    def store(self) -> Pkcs11KeyStore:
-        return self._store
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -136,25 +157,11 @@ class TokenEllipticCurvePrivateKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         _never_leaves(self._ref)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _never_leaves(self._ref)
-
-    def __copy__(self) -> TokenEllipticCurvePrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TokenEllipticCurvePrivateKey:
-        return self
-
     def __repr__(self) -> str:
         return f"<TokenEllipticCurvePrivateKey {self._ref.to_uri()} {self.curve.name}>"
 
 
-class TokenRSAPrivateKey(rsa.RSAPrivateKey):
+class TokenRSAPrivateKey(_InTheToken, rsa.RSAPrivateKey):
     """An RSA private key in the token: PKCS#1 v1.5 over CKM_RSA_PKCS, PSS over CKM_RSA_PKCS_PSS."""
 
     def __init__(
@@ -168,14 +175,6 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
                 raise _not_a(ref, "RSA")
             public = fetched
         self._public = public
-
-    @property
-    def ref(self) -> KeyRef:
-        return self._ref
-
-    @property
-    def store(self) -> Pkcs11KeyStore:
-        return self._store
 
     @property
     def key_size(self) -> int:
@@ -247,25 +246,11 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _never_leaves(self._ref)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _never_leaves(self._ref)
-
-    def __copy__(self) -> TokenRSAPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TokenRSAPrivateKey:
-        return self
-
     def __repr__(self) -> str:
         return f"<TokenRSAPrivateKey {self._ref.to_uri()} {self.key_size} bits>"
 
 
-class TokenEd25519PrivateKey(ed25519.Ed25519PrivateKey):
+class TokenEd25519PrivateKey(_InTheToken, ed25519.Ed25519PrivateKey):
     """An Ed25519 private key in the token: pure EdDSA (CKM_EDDSA) over the whole message."""
 
     def __init__(
@@ -280,36 +265,14 @@ class TokenEd25519PrivateKey(ed25519.Ed25519PrivateKey):
             public = fetched
         self._public = public
 
-    @property
-    def ref(self) -> KeyRef:
-        return self._ref
-
-    @property
-    def store(self) -> Pkcs11KeyStore:
-        return self._store
-
     def public_key(self) -> ed25519.Ed25519PublicKey:
         return self._public
 
     def sign(self, data: Buffer) -> bytes:
         return self._store.sign_raw(self._ref, Mechanism.EDDSA, bytes(data))
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _never_leaves(self._ref)
-
     def private_bytes_raw(self) -> bytes:
         _never_leaves(self._ref)
-
-    def __copy__(self) -> TokenEd25519PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TokenEd25519PrivateKey:
-        return self
 
     def __repr__(self) -> str:
         return f"<TokenEd25519PrivateKey {self._ref.to_uri()}>"

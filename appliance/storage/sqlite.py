@@ -250,29 +250,32 @@ class SqliteStore:
     @classmethod
     def open(cls, path: Path) -> SqliteStore:
         """Open (creating and migrating if needed) the database at `path`."""
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = cls(path)
-        try:
-            store._migrate()
-        except OperationalError as e:
-            raise StorageError(f"cannot open the database {path}: {e.orig}") from None
+        store = cls._migrated(path)
         store._thread.start()
         return store
 
     @classmethod
     def create(cls, path: Path) -> None:
         """Create and migrate the database without starting a writer (used by init)."""
+        store = cls._migrated(path)
+        store._release()
+
+    @classmethod
+    def _migrated(cls, path: Path) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = cls(path)
         try:
             store._migrate()
         except OperationalError as e:
-            raise StorageError(f"cannot create the database {path}: {e.orig}") from None
-        finally:
-            store._engine.dispose()
-            store._read_engine.dispose()
-            store._reader.shutdown(wait=False)
-            os.close(store._lock_fd)
+            store._release()
+            raise StorageError(f"cannot open the database {path}: {e.orig}") from None
+        return store
+
+    def _release(self) -> None:
+        self._reader.shutdown(wait=True)
+        self._read_engine.dispose()
+        self._engine.dispose()
+        os.close(self._lock_fd)
 
     @staticmethod
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -555,7 +558,4 @@ class SqliteStore:
         self._closed = True
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._reader.shutdown(wait=True)
-        self._read_engine.dispose()
-        self._engine.dispose()
-        os.close(self._lock_fd)
+        self._release()
