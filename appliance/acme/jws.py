@@ -13,11 +13,16 @@ import base64
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
@@ -240,14 +245,64 @@ def verify(message: JwsMessage, jwk: dict[str, Any]) -> None:
             f"JWS alg {message.alg} does not suit the account key (kty "
             f"{_clip(repr(jwk.get('kty')))}); use {' or '.join(fitting) or 'another key'}",
             fitting)
-    key = _public_key(jwk, message.alg, "account key")
+    key, verifier = _checked_key(jwk, message.alg)
     signature = _b64url_decode(message._signature_b64, "JWS \"signature\"")
     length_problem = _signature_length_problem(message.alg, key, len(signature))
     if length_problem:
         _malformed(f"JWS signature is invalid: {length_problem}")
-    if not _signature_valid(message._protected_b64, message._payload_b64,
-                            message._signature_b64, message.alg, key):
+    signing_input = f"{message._protected_b64}.{message._payload_b64}".encode("ascii")
+    if not _verify_with(verifier, message.alg, signature, signing_input):
         _malformed("JWS signature is invalid")
+
+
+_KEY_CACHE: OrderedDict[tuple[str, str], tuple[JWK, Any]] = OrderedDict()
+_KEY_CACHE_SIZE = 4096
+
+
+def _checked_key(jwk: dict[str, Any], alg: str) -> tuple[JWK, Any]:
+    """The checked jwcrypto key and its cryptography public key, cached per key and alg.
+
+    Every request of an account is signed by the same key: checking it against the key policy
+    and building key objects once, not per request, is most of what verification costs.
+    """
+    try:
+        ident = (alg, json.dumps(jwk, sort_keys=True))
+    except (TypeError, ValueError):
+        ident = None
+    if ident is not None and ident in _KEY_CACHE:
+        _KEY_CACHE.move_to_end(ident)
+        return _KEY_CACHE[ident]
+    key = _public_key(jwk, alg, "account key")
+    entry = (key, key.get_op_key("verify"))
+    if ident is not None:
+        _KEY_CACHE[ident] = entry
+        while len(_KEY_CACHE) > _KEY_CACHE_SIZE:
+            _KEY_CACHE.popitem(last=False)
+    return entry
+
+
+def _verify_with(public: Any, alg: str, signature: bytes, signing_input: bytes) -> bool:
+    """RFC 7518 signature check over the exact base64url bytes the client sent."""
+    try:
+        if alg in ("ES256", "ES384"):
+            half = len(signature) // 2
+            der = encode_dss_signature(int.from_bytes(signature[:half], "big"),
+                                       int.from_bytes(signature[half:], "big"))
+            digest = hashes.SHA256() if alg == "ES256" else hashes.SHA384()
+            public.verify(der, signing_input, ec.ECDSA(digest))
+        elif alg == "RS256":
+            public.verify(signature, signing_input, asym_padding.PKCS1v15(), hashes.SHA256())
+        elif alg == "PS256":
+            public.verify(signature, signing_input,
+                          asym_padding.PSS(asym_padding.MGF1(hashes.SHA256()), 32),
+                          hashes.SHA256())
+        elif alg == "EdDSA":
+            public.verify(signature, signing_input)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def algs_for_key(jwk: Mapping[str, Any]) -> tuple[str, ...]:
