@@ -366,6 +366,9 @@ def test_renew_keeps_identity_key_and_lifetime(client: CaServer) -> None:
     old = leaf_of(crt)
     key_before = file_state(key)
     crt_inode = crt.stat().st_ino
+    # Validity has whole-second precision: renew in a later second so "starts now" is visible.
+    time.sleep(max(0.0, 1.05 - (datetime.now(UTC) - old.not_valid_before_utc - BACKDATE)
+                   .total_seconds()))
 
     result = client.run_cli("renew", crt, key, "--force")
     assert result.stdout.strip() == f"Your certificate has been saved in {crt}."
