@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from appliance.audit import AuditEvent
 from appliance.authority.claims import Claims
@@ -33,7 +33,7 @@ from appliance.issuance.ca_certs import fingerprint
 from appliance.issuance.crl import CrlService
 from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer
 from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
-from appliance.issuance.provisioner_ext import provisioner_extension
+from appliance.issuance.provisioner_ext import PROVISIONER_OID, provisioner_extension
 from appliance.issuance.templates import TemplateData, X509Template
 from appliance.storage import (
     AlreadyRevoked,
@@ -48,6 +48,14 @@ from appliance.storage import (
 log = structlog.get_logger("appliance.authority")
 
 REFUSED_ALGS = {"none", "HS256", "HS384", "HS512"}
+# Set anew on every renewal (by the issuer, the authority or the renewal itself); any other
+# extension of the old certificate, e.g. one its template added, carries over, as in step-ca.
+REISSUED_EXTENSIONS = frozenset({
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.CRL_DISTRIBUTION_POINTS, PROVISIONER_OID,
+})
 # Certificate times are bounded long before datetime arithmetic could overflow.
 MAX_TIME_OFFSET = timedelta(days=365 * 100)
 MAX_CN_LENGTH = 64
@@ -391,7 +399,8 @@ class Authority:
             subject=cert.subject, sans=sans, public_key=public_key,
             not_before=now - self.backdate, not_after=not_after, provisioner=provisioner.name,
             token_use=token_use, key_usage=ku, ext_key_usage=eku or IssuanceRequest.ext_key_usage,
-            extra_extensions=self.common_extensions(provisioner)))
+            extra_extensions=self.common_extensions(provisioner) + tuple(
+                e for e in cert.extensions if e.oid not in REISSUED_EXTENSIONS)))
         return issued, provisioner.name
 
     async def rekey(self, cert: x509.Certificate, untrusted_csr: str,

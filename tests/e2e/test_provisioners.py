@@ -392,9 +392,11 @@ TEMPLATE = """\
     "organizationalUnit": {{ Insecure.User.ou | default("Unassigned") | toJson }}
   },
   "sans": {{ SANs | toJson }},
-  "extKeyUsage": ["serverAuth"]
+  "extKeyUsage": ["serverAuth"],
+  "extensions": [{"id": "1.3.6.1.4.1.55555.1", "critical": false, "value": "DAVoZWxsbw=="}]
 }
 """
+TEMPLATE_EXTENSION = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")
 
 # One template, many ways to go wrong, chosen by the requester's templateData "mode". Sample data
 # at add time has no "mode", so the check renders the plain branch.
@@ -492,6 +494,12 @@ async def test_template_certificate_keeps_its_subject_when_renewed_with_x5c(
     assert renewed.subject == cert.subject
     assert (renewed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
             == cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    # The extension the template added carries over (UTF8String "hello"), once.
+    assert cert.extensions.get_extension_for_oid(TEMPLATE_EXTENSION).value.value == (
+        b"\x0c\x05hello")  # type: ignore[attr-defined]
+    carried = [e for e in renewed.extensions if e.oid == TEMPLATE_EXTENSION]
+    assert len(carried) == 1 and carried[0].value.value == b"\x0c\x05hello"  # type: ignore[attr-defined]
+    assert provisioner_of(renewed) == "tpl"
 
 
 def test_cli_renews_a_server_auth_only_certificate(templates: CaServer) -> None:
