@@ -27,6 +27,7 @@ from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 
+from appliance import strict_json
 from appliance.acme.problems import AcmeProblem
 from appliance.authority.csr import MAX_RSA_BITS, MIN_RSA_BITS
 
@@ -545,19 +546,6 @@ def _b64url_int(value: str) -> int:
     return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)), "big")
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError(f"duplicate member {_clip(repr(name))}")
-        result[name] = value
-    return result
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json_loads(data: bytes, what: str) -> Any:
     """Strict JSON: UTF-8, no duplicate member names (parsers disagree on them), no NaN."""
     try:
@@ -565,8 +553,7 @@ def _json_loads(data: bytes, what: str) -> Any:
     except UnicodeDecodeError:
         _malformed(f"{what} is not UTF-8")
     try:
-        return json.loads(text, object_pairs_hook=_refuse_duplicates,
-                          parse_constant=_refuse_constant)
+        return strict_json.loads(text)
     except json.JSONDecodeError as e:
         _malformed(f"{what} is not valid JSON: {e.msg} at position {e.pos}")
     except RecursionError:

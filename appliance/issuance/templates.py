@@ -27,6 +27,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from appliance import strict_json
 from appliance.errors import BadRequest, ConfigError
 from appliance.issuance.names import canonical_san, normalise_dns, parse_san
 from appliance.issuance.provisioner_ext import PROVISIONER_OID
@@ -379,8 +380,11 @@ class X509Template:
                 ) -> CertificateDescription:
         text = self._render_text(context)
         try:
-            document = json.loads(text, object_pairs_hook=_object_without_duplicates,
-                                  parse_constant=_refuse_constant)
+            document = strict_json.loads(text)
+        except strict_json.DuplicateKey as e:
+            raise BadRequest(f"template output has the key {e.key!r} twice") from None
+        except strict_json.NonJsonConstant as e:
+            raise BadRequest(f"template output contains {e.name}, which is not JSON") from None
         except json.JSONDecodeError as e:
             where = f"{e.msg} at output line {e.lineno} column {e.colno}"
             lines = text.splitlines()
@@ -425,19 +429,6 @@ class X509Template:
             # operation. Neither carries anything the operator did not write.
             detail = f"{type(error).__name__}: {error}"[:300]
         return f"certificate template failed at {where}: {detail}"
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadRequest(f"template output has the key {key!r} twice")
-        out[key] = value
-    return out
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise BadRequest(f"template output contains {name}, which is not JSON")
 
 
 def _fields(obj: dict[str, Any], known: Mapping[str, str], where: str) -> dict[str, Any]:

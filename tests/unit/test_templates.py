@@ -339,6 +339,8 @@ def test_bad_json_output_message_points_at_the_output_line() -> None:
         X509Template.compile("[1, 2]").render(data())
     with pytest.raises(BadRequest, match="key 'subject' twice"):
         X509Template.compile('{"subject": "a", "subject": "b"}').render(data())
+    with pytest.raises(BadRequest, match="contains NaN, which is not JSON"):
+        X509Template.compile('{"subject": "a", "sans": NaN}').render(data())
 
 
 def test_unknown_keys_named() -> None:
