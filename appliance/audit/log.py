@@ -272,9 +272,9 @@ class _Tail:
 
 @dataclass
 class _Pending:
-    body: bytes
+    bodies: list[bytes]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[int]
+    future: asyncio.Future[list[int]]
 
 
 @dataclass
@@ -286,20 +286,20 @@ class _CheckpointJob:
     future: asyncio.Future[int]
 
 
-def _settle_all(settled: list[tuple[asyncio.Future[int], int]]) -> None:
-    for future, seq in settled:
+def _settle_all(settled: list[tuple[asyncio.Future[list[int]], list[int]]]) -> None:
+    for future, seqs in settled:
         if not future.done():
-            future.set_result(seq)
+            future.set_result(seqs)
 
 
-def _settle(future: asyncio.Future[int], seq: int | None, error: AuditError | None) -> None:
+def _settle(future: asyncio.Future[Any], result: Any, error: AuditError | None) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        assert seq is not None
-        future.set_result(seq)
+        assert result is not None
+        future.set_result(result)
 
 
 class AuditLog:
@@ -331,10 +331,14 @@ class AuditLog:
     # -- public API -------------------------------------------------------------------------------
     async def append(self, event: AuditEvent) -> int:
         """Record `event`; return its seq once it is on disk. Raises AuditError (fail closed)."""
-        body = _body(event.event, event.outcome, event.actor, event.details)
+        return (await self.append_many([event]))[0]
+
+    async def append_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Record `events` in one write; return their seqs once on disk. Raises AuditError."""
+        bodies = [_body(e.event, e.outcome, e.actor, e.details) for e in events]
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._submit(_Pending(body, loop, future))
+        future: asyncio.Future[list[int]] = loop.create_future()
+        self._submit(_Pending(bodies, loop, future))
         # A dropped client must not cancel the record: it is written regardless.
         return await asyncio.shield(future)
 
@@ -429,16 +433,20 @@ class AuditLog:
     def _run_batch(self, batch: list[_Pending]) -> None:
         try:
             with self._exclusive() as tail:
-                seqs = self._write(tail, [p.body for p in batch])
+                seqs = self._write(tail, [body for p in batch for body in p.bodies])
         except Exception as e:  # noqa: BLE001 - every waiter must hear of it, or it hangs
             message = str(e) if isinstance(e, AuditError) else f"audit write failed: {e!r}"
             for p in batch:
                 _call_soon(p.loop, _settle, p.future, None, AuditError(message))
             return
         # One wake-up per event loop, not per record.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int]]] = {}
-        for p, seq in zip(batch, seqs, strict=True):
-            by_loop.setdefault(p.loop, []).append((p.future, seq))
+        by_loop: dict[asyncio.AbstractEventLoop,
+                      list[tuple[asyncio.Future[list[int]], list[int]]]] = {}
+        start = 0
+        for p in batch:
+            end = start + len(p.bodies)
+            by_loop.setdefault(p.loop, []).append((p.future, seqs[start:end]))
+            start = end
         for loop, settled in by_loop.items():
             _call_soon(loop, _settle_all, settled)
 

@@ -26,11 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.audit import AuditError, AuditEvent, AuditLog, Signer, sign_message
-from appliance.errors import Unauthorized, Unavailable
+from appliance.errors import ApplianceError, Unauthorized, Unavailable
 from appliance.issuance.names import san_to_text
 from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
 
 T = TypeVar("T")
+MAX_BATCH = 64  # requests one batch takes from the queue
+BATCHES_IN_FLIGHT = 2  # one batch signs while the next is recorded
 log = structlog.get_logger("appliance.issuance")
 
 # Runs a blocking callable on the thread that owns the token session.
@@ -86,6 +88,46 @@ def leaf_key_usage(public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
         encipher_only=False, decipher_only=False)
 
 
+class _Job:
+    """One request's way through a batch: its serial, intent and the future its caller awaits."""
+
+    __slots__ = ("request", "serial", "intent", "future")
+
+    def __init__(self, request: IssuanceRequest, serial: int,
+                 future: asyncio.Future[IssuedCertificate]) -> None:
+        self.request = request
+        self.serial = serial
+        self.future = future
+        self.intent = CertificateIntent(
+            serial=serial,
+            subject=request.subject.rfc4514_string(),
+            sans=tuple(san_to_text(n) for n in request.sans),
+            not_before=request.not_before,
+            not_after=request.not_after,
+            provisioner=request.provisioner,
+            token_use=request.token_use,
+        )
+
+    def audit_event(self, outcome: str, reason: str | None = None) -> AuditEvent:
+        intent = self.intent
+        details: dict[str, Any] = {
+            "serial": format(self.serial, "x"), "subject": intent.subject,
+            "names": list(intent.sans), "not_before": intent.not_before.isoformat(),
+            "not_after": intent.not_after.isoformat()}
+        if reason is not None:
+            details["reason"] = reason
+        return AuditEvent(self.request.audit_event, outcome,
+                          f"provisioner:{self.request.provisioner}", details)
+
+    def succeed(self, issued: IssuedCertificate) -> None:
+        if not self.future.done():
+            self.future.set_result(issued)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
 class Issuer:
     """Issues leaves under one intermediate whose key lives in the token."""
 
@@ -109,46 +151,114 @@ class Issuer:
         self._store = store
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
             certificate.public_key())  # type: ignore[arg-type]
+        self._pending: list[_Job] = []
+        self._batches_running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def issue(self, request: IssuanceRequest) -> IssuedCertificate:
-        """Record, sign in the token, record again, return. Raise typed errors only."""
-        serial = x509.random_serial_number()
-        intent = CertificateIntent(
-            serial=serial,
-            subject=request.subject.rfc4514_string(),
-            sans=tuple(san_to_text(n) for n in request.sans),
-            not_before=request.not_before,
-            not_after=request.not_after,
-            provisioner=request.provisioner,
-            token_use=request.token_use,
-        )
+        """Record, sign in the token, record again, return. Raise typed errors only.
+
+        Concurrent requests are issued together (group commit): one batch shares one database
+        commit for its intents, one audit write, one trip to the token's thread and one commit
+        for its certificates, and up to BATCHES_IN_FLIGHT batches overlap. Each request still
+        passes every step alone: its own intent before its own signature, its own outcome.
+        """
+        job = _Job(request, x509.random_serial_number(), asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        if self._batches_running < BATCHES_IN_FLIGHT:
+            self._batches_running += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # Shielded: a client that drops mid-request must not abandon a signature halfway.
+        return await asyncio.shield(job.future)
+
+    async def _drain(self) -> None:
         try:
-            await self._store.reserve(intent)
-        except TokenReused:
-            raise Unauthorized("token already used: one-time tokens cannot be replayed") from None
-        details = {"serial": format(serial, "x"), "subject": intent.subject,
-                   "names": list(intent.sans), "not_before": request.not_before.isoformat(),
-                   "not_after": request.not_after.isoformat()}
-        actor = f"provisioner:{request.provisioner}"
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                try:
+                    await self._issue_batch(batch)
+                except Exception as e:  # noqa: BLE001 - every waiter must hear, or it hangs
+                    log.error("issuance_batch_failed", error=type(e).__name__)
+                    for job in batch:
+                        job.fail(e if isinstance(e, ApplianceError)
+                                 else Unavailable("issuance failed; try again"))
+        finally:
+            self._batches_running -= 1
+
+    async def _issue_batch(self, batch: list[_Job]) -> None:
+        outcomes = await self._store.reserve_many([job.intent for job in batch])
+        reserved: list[_Job] = []
+        for job, refused in zip(batch, outcomes, strict=True):
+            if refused is None:
+                reserved.append(job)
+            elif isinstance(refused, TokenReused):
+                job.fail(Unauthorized("token already used: one-time tokens cannot be replayed"))
+            else:
+                job.fail(refused)
+        if not reserved:
+            return
         try:
             # The audit record comes before the signature: no certificate exists unrecorded.
-            await self.record(AuditEvent(request.audit_event, "success", actor, details))
-        except Unavailable:
-            await self._store.record_failure(serial)
-            raise
+            await self.record_many([job.audit_event("success") for job in reserved])
+        except Unavailable as e:
+            await self._store.record_failures([job.serial for job in reserved])
+            for job in reserved:
+                job.fail(e)
+            return
         try:
-            # Shielded: a client that drops mid-request must not abandon a signature halfway.
-            cert: x509.Certificate = await asyncio.shield(
-                self._run_signing(partial(self._build, request, serial)))
-        except Exception as e:
-            log.error("token_sign_failed", serial=format(serial, "x"), error=type(e).__name__)
-            await self._store.record_failure(serial)
+            signed = await self._run_signing(partial(self._build_many, reserved))
+        except Exception as e:  # noqa: BLE001 - the token thread itself failed: none signed
+            signed = [e] * len(reserved)
+        certificates: list[tuple[_Job, x509.Certificate]] = []
+        unsigned: list[_Job] = []
+        for job, outcome in zip(reserved, signed, strict=True):
+            if isinstance(outcome, x509.Certificate):
+                certificates.append((job, outcome))
+            else:
+                log.error("token_sign_failed", serial=format(job.serial, "x"),
+                          error=type(outcome).__name__)
+                unsigned.append(job)
+        if unsigned:
+            await self._store.record_failures([job.serial for job in unsigned])
             with contextlib.suppress(Unavailable):
-                await self.record(AuditEvent(request.audit_event, "failure", actor,
-                                             {**details, "reason": "the token did not sign"}))
-            raise Unavailable("the token could not sign the certificate; try again") from None
-        await self._store.record_certificate(serial, cert.public_bytes(serialization.Encoding.DER))
-        return IssuedCertificate(cert, self.chain, self._chain_pem)
+                await self.record_many([job.audit_event("failure", "the token did not sign")
+                                        for job in unsigned])
+            for job in unsigned:
+                job.fail(Unavailable("the token could not sign the certificate; try again"))
+        if not certificates:
+            return
+        recorded = await self._store.record_certificates(
+            [(job.serial, cert.public_bytes(serialization.Encoding.DER))
+             for job, cert in certificates])
+        for (job, cert), refused in zip(certificates, recorded, strict=True):
+            if refused is None:
+                job.succeed(IssuedCertificate(cert, self.chain, self._chain_pem))
+            else:
+                job.fail(refused)
+
+    def _build_many(self, jobs: list[_Job]) -> list[x509.Certificate | Exception]:
+        """Build and token-sign each job's certificate (on the token's thread); one outcome each."""
+        out: list[x509.Certificate | Exception] = []
+        for job in jobs:
+            try:
+                out.append(self._build(job.request, job.serial))
+            except Exception as e:  # noqa: BLE001 - reported per certificate by the caller
+                out.append(e)
+        return out
+
+    async def record_many(self, events: list[AuditEvent]) -> None:
+        """Write audit records in one write; fail closed like `record`."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.append_many(events)
+        except AuditError:
+            log.error("audit_write_failed", audit_event=events[0].event)
+            raise Unavailable("the audit log cannot be written: issuance is stopped until it "
+                              "can be") from None
 
     async def record(self, event: AuditEvent) -> None:
         """Write an audit record; fail closed: no record, no certificate (or CRL, revocation)."""

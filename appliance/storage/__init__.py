@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from appliance.errors import StorageError
+
 
 class TokenReused(Exception):
     """The one-time token id was already recorded: a replay."""
@@ -87,11 +89,22 @@ class Store(Protocol):
     async def reserve(self, intent: CertificateIntent) -> None:
         """Record the intent (and its token id); raise TokenReused on a replayed token."""
 
+    async def reserve_many(self, intents: list[CertificateIntent]
+                           ) -> list[TokenReused | StorageError | None]:
+        """Record intents in one commit; per intent None, TokenReused or StorageError."""
+
     async def record_certificate(self, serial: int, der: bytes) -> None:
         """Record the signed certificate for a reserved serial."""
 
+    async def record_certificates(self, signed: list[tuple[int, bytes]]
+                                  ) -> list[StorageError | None]:
+        """Record signed certificates (serial, DER) in one commit; per certificate an outcome."""
+
     async def record_failure(self, serial: int) -> None:
         """Mark a reserved serial as never signed."""
+
+    async def record_failures(self, serials: list[int]) -> None:
+        """Mark reserved serials as never signed, in one commit."""
 
     async def get_certificate(self, serial: int) -> CertificateRecord | None: ...
 
