@@ -15,12 +15,24 @@ _SECRET_KEYS = re.compile(r"(pin|password|passphrase|secret|token|ott|authorizat
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 
 
+_secret_key_seen: dict[str, bool] = {}  # the same few keys come with every request line
+
+
+def _is_secret_key(key: str) -> bool:
+    known = _secret_key_seen.get(key)
+    if known is None:
+        known = key != "event" and _SECRET_KEYS.search(key) is not None
+        if len(_secret_key_seen) < 4096:
+            _secret_key_seen[key] = known
+    return known
+
+
 def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]
                    ) -> MutableMapping[str, Any]:
     """Drop values of secret-looking keys, and anything shaped like a JWT, from every event."""
     for key in list(event):
         value = event[key]
-        if key != "event" and _SECRET_KEYS.search(key):
+        if _is_secret_key(key):
             event[key] = "[redacted]"
         elif isinstance(value, str) and "eyJ" in value:
             event[key] = _JWT.sub("[redacted-jwt]", value)

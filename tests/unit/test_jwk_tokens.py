@@ -105,3 +105,73 @@ def test_missing_claims_refused(provisioner: JwkProvisioner, key: ec.EllipticCur
                        headers={"kid": provisioner.kid})
     with pytest.raises(Unauthorized, match="missing the 'jti' claim"):
         provisioner.verify_token(token, [AUD], FP)
+
+
+def _token(key: ec.EllipticCurvePrivateKey, kid: str, headers: dict | None = None,  # type: ignore[type-arg]
+           **claims: object) -> str:
+    now = int(time.time())
+    payload = {"iss": "admin", "sub": "a.test", "aud": AUD, "exp": now + 60, "nbf": now,
+               "iat": now, "jti": "j" * 16, **claims}
+    return jwt.encode(payload, key, algorithm="ES256", headers={"kid": kid, **(headers or {})})
+
+
+@pytest.mark.parametrize(("claims", "message"), [
+    ({"iat": "123"}, "'iat' claim must be a number"),
+    ({"nbf": True}, "'nbf' claim must be a number"),
+    ({"exp": 1e400}, "payload is not JSON"),  # Infinity
+    ({"aud": [AUD + "x", 5]}, "audience is not this CA"),
+    ({"aud": {"a": AUD}}, "audience is not this CA"),
+    ({"iss": "other"}, "issuer does not match"),
+    ({"sub": 7}, "subject must be a non-empty string"),
+    ({"jti": ["x" * 16]}, "jti must be a string"),
+    ({"iat": int(time.time()) + 600}, "not yet valid"),
+])
+def test_claims_of_the_wrong_type_or_value_refused(
+        provisioner: JwkProvisioner, key: ec.EllipticCurvePrivateKey,
+        claims: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(Unauthorized, match=message):
+        provisioner.verify_token(_token(key, provisioner.kid, **claims), [AUD], FP)
+
+
+def test_audience_list_with_ours_accepted(provisioner: JwkProvisioner,
+                                          key: ec.EllipticCurvePrivateKey) -> None:
+    token = _token(key, provisioner.kid, aud=["https://other.test/1.0/sign", AUD])
+    assert provisioner.verify_token(token, [AUD], FP).subject == "a.test"
+
+
+@pytest.mark.parametrize(("mangle", "message"), [
+    (lambda t: t + ".extra", "malformed"),
+    (lambda t: t.replace(".", "!", 1), "malformed"),
+    (lambda t: "e30." + t.split(".", 1)[1], "algorithm does not match"),  # header {}
+    (lambda t: t.rsplit(".", 1)[0] + ".AAAA", "signature is invalid"),  # wrong length
+    (lambda t: t[:-4] + ("AAAA" if not t.endswith("AAAA") else "BBBB"), "signature is invalid"),
+    (lambda t: "W10." + t.split(".", 1)[1], "malformed"),  # header is a JSON array
+])
+def test_mangled_tokens_refused(provisioner: JwkProvisioner, key: ec.EllipticCurvePrivateKey,
+                                mangle: object, message: str) -> None:
+    token = mangle(_token(key, provisioner.kid))  # type: ignore[operator]
+    with pytest.raises(Unauthorized, match=message):
+        provisioner.verify_token(token, [AUD], FP)
+
+
+@pytest.mark.parametrize("headers", [{"crit": ["exp"]}, {"b64": False}])
+def test_jws_header_extensions_refused(provisioner: JwkProvisioner,
+                                       key: ec.EllipticCurvePrivateKey,
+                                       headers: dict) -> None:  # type: ignore[type-arg]
+    import base64
+    import json
+    header = base64.urlsafe_b64encode(json.dumps(
+        {"alg": "ES256", "kid": provisioner.kid, **headers}).encode()).rstrip(b"=").decode()
+    token = header + "." + _token(key, provisioner.kid).split(".", 1)[1]
+    with pytest.raises(Unauthorized, match="header extensions"):
+        provisioner.verify_token(token, [AUD], FP)
+
+
+def test_duplicate_header_member_refused(provisioner: JwkProvisioner,
+                                         key: ec.EllipticCurvePrivateKey) -> None:
+    import base64
+    raw = ('{"alg":"none","alg":"ES256","kid":"' + provisioner.kid + '"}').encode()
+    header = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    token = header + "." + _token(key, provisioner.kid).split(".", 1)[1]
+    with pytest.raises(Unauthorized, match="malformed"):
+        provisioner.verify_token(token, [AUD], FP)
