@@ -7,6 +7,11 @@ p50/p99 per certificate, checks that every certificate is in the CA's database, 
 the real lego binary issuing one certificate after another.
 
     .venv/bin/python bench/acme.py [--duration 10] [--concurrency 8] [--workers 2] [--lego 5]
+        [--raw-seconds 1] [--profile 6] [--keep]
+
+It also prints the issuer key's raw signing rate (the machine's yardstick), the server's CPU per
+certificate by thread, and how many HTTP requests one issuance took; --profile runs py-spy on
+the workers during the timed phase.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -35,7 +41,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from issuance import APPLIANCTL, Ca, Server, create_ca, free_port, percentile, say  # noqa: E402
+from issuance import (  # noqa: E402
+    APPLIANCTL,
+    Ca,
+    Profiler,
+    Server,
+    create_ca,
+    free_port,
+    key_access,
+    measure_raw,
+    percentile,
+    say,
+)
 
 from appliance.acme import jws  # noqa: E402
 
@@ -67,12 +84,18 @@ class Client:
         self.jwk = jws.public_jwk(self.key.public_key())
         self.kid: str | None = None
         self.nonce: str | None = None
+        self.requests = 0
+
+    async def fresh_nonce(self) -> None:
+        self.requests += 1
+        async with self.session.head(self.directory["newNonce"]) as resp:
+            self.nonce = resp.headers["Replay-Nonce"]
 
     async def post(self, url: str, payload: dict[str, Any] | None) -> tuple[int, Any, Any]:
         for _ in range(3):
             if self.nonce is None:
-                async with self.session.head(self.directory["newNonce"]) as resp:
-                    self.nonce = resp.headers["Replay-Nonce"]
+                await self.fresh_nonce()
+            self.requests += 1
             body = jws.sign(self.key, payload, url=url, nonce=self.nonce, kid=self.kid,
                             jwk=None if self.kid else self.jwk)
             async with self.session.post(url, data=json.dumps(body), headers={
@@ -104,15 +127,18 @@ async def issue_one(client: Client, tokens: dict[str, str], csr_b64: str, ip: st
     _, authz, _ = await client.post(authz_url, None)
     chal = next(c for c in authz["challenges"] if c["type"] == "http-01")
     tokens[chal["token"]] = jws.key_authorization(chal["token"], client.jwk)
-    await client.post(chal["url"], {})
-    for _ in range(1000):
-        _, authz, _ = await client.post(authz_url, None)
-        if authz["status"] != "pending":
-            break
-        await asyncio.sleep(0.005)
+    _, chal, _ = await client.post(chal["url"], {})
+    # The server answers the challenge POST once its validation is done (if that is quick), so
+    # like lego the client polls the authorization only while the challenge is still in progress.
+    if chal.get("status") != "valid":
+        for _ in range(1000):
+            _, authz, _ = await client.post(authz_url, None)
+            if authz["status"] != "pending":
+                break
+            await asyncio.sleep(0.005)
+        if authz["status"] != "valid":
+            raise RuntimeError(f"authorization {authz['status']}: {authz['challenges']}")
     tokens.pop(chal["token"], None)
-    if authz["status"] != "valid":
-        raise RuntimeError(f"authorization {authz['status']}: {authz['challenges']}")
     status, order, _ = await client.post(order["finalize"], {"csr": csr_b64})
     while order.get("status") == "processing":
         await asyncio.sleep(0.01)
@@ -154,6 +180,7 @@ async def drive(url: str, root: Path, http_port: int, concurrency: int, duration
     connector = aiohttp.TCPConnector(limit=concurrency * 2, ssl=ssl_ctx)
     latencies: list[float] = []
     errors: list[str] = []
+    requests = 0
     async with aiohttp.ClientSession(connector=connector) as session:
         async with session.get(url) as resp:
             directory = await resp.json()
@@ -163,6 +190,7 @@ async def drive(url: str, root: Path, http_port: int, concurrency: int, duration
         await asyncio.sleep(max(start_at - time.time(), 0))
         deadline = time.monotonic() + duration
         began = time.monotonic()
+        before = sum(c.requests for c in clients)
 
         async def loop(client: Client) -> None:
             while time.monotonic() < deadline:
@@ -175,8 +203,9 @@ async def drive(url: str, root: Path, http_port: int, concurrency: int, duration
 
         await asyncio.gather(*(loop(c) for c in clients))
         elapsed = time.monotonic() - began
+        requests = sum(c.requests for c in clients) - before
     await runner.cleanup()
-    return {"latencies": latencies, "errors": errors, "elapsed": elapsed,
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "requests": requests,
             "cpu": time.process_time()}
 
 
@@ -222,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2, help="load-generator processes")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lego", type=int, default=5, help="lego issuances to time (0: none)")
+    p.add_argument("--raw-seconds", type=float, default=1.0,
+                   help="seconds per raw token signing measurement (0: skip)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="py-spy record every server worker for SECONDS of the timed phase")
+    p.add_argument("--native", action="store_true", help="with --profile: native frames too")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary CA directory and py-spy output (holds PIN files!)")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="acme-bench-"))
@@ -232,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     code = 0
     try:
+        say(f"load average before start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.raw_seconds > 0:
+            raw = measure_raw(key_access(ca), args.raw_seconds)
+            say(f"raw token signing ({raw.key}, key.sign() on the PKCS#11 thread): "
+                f"{raw.on_thread_1:,.0f}/s 1 process, {raw.on_thread_2:,.0f}/s 2 processes; "
+                f"build + sign a leaf: {raw.build_1:,.0f}/s 1 process")
+        profiler = Profiler(work, args.profile, args.native) if args.profile > 0 else None
         procs = min(args.processes, args.concurrency)
         per = [args.concurrency // procs + (1 if i < args.concurrency % procs else 0)
                for i in range(procs)]
@@ -242,23 +285,40 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.duration, start_at, f"127.0.0.{i + 1}"),
                                                    results))
                     for i, n in enumerate(per)]
+        server.label_threads()
         cpu0 = server.cpu_seconds()
+        threads0 = server.thread_cpu()
         for c in children:
             c.start()
+        spies = None
+        if profiler is not None:
+            time.sleep(max(start_at - time.time(), 0) + 0.5)
+            spies = profiler.start(server, args.duration, args.concurrency)
         outs = [results.get(timeout=args.duration + 180) for _ in children]
         for c in children:
             c.join(30)
         server_cpu = server.cpu_seconds() - cpu0
+        server.label_threads()
+        threads = {k: v - threads0.get(k, 0.0) for k, v in server.thread_cpu().items()}
+        if profiler is not None and spies:
+            profiler.finish(spies)
         latencies = sorted(x for o in outs for x in o["latencies"])
         errors = [e for o in outs for e in o["errors"]]
         elapsed = max(o["elapsed"] for o in outs)
         rate = len(latencies) / elapsed if elapsed else 0.0
         say(f"ACME issuance, concurrency {args.concurrency} ({procs} client processes x "
             f"{per}), {args.workers} server workers, {args.duration:.0f} s:")
-        say(f"  certificates/s: {rate:.1f}   p50: {percentile(latencies, 0.5) * 1000:.0f} ms   "
-            f"p99: {percentile(latencies, 0.99) * 1000:.0f} ms   errors: {len(errors)}")
+        say(f"  certificates/s: {rate:.1f}   p50: {percentile(latencies, 50) * 1000:.0f} ms   "
+            f"p99: {percentile(latencies, 99) * 1000:.0f} ms   max: "
+            f"{(latencies[-1] if latencies else math.nan) * 1000:.0f} ms   errors: {len(errors)}")
         if latencies:
-            say(f"  server CPU per certificate: {server_cpu / len(latencies) * 1000:.2f} ms")
+            n = len(latencies)
+            say(f"  server CPU per certificate: {server_cpu / n * 1000:.2f} ms ("
+                + ", ".join(f"{role} {cpu / n * 1000:.2f}" for role, cpu in
+                            sorted(threads.items(), key=lambda kv: -kv[1]) if cpu > 0)
+                + f"); server cores used: {server_cpu / elapsed:.2f}")
+            say(f"  HTTP requests per certificate (client side): "
+                f"{sum(o['requests'] for o in outs) / n:.2f}")
         for e in errors[:5]:
             say(f"  error: {e}")
         issued = count_acme_certs(ca.db_path)
@@ -267,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         if errors or issued != expected:
             code = 1
         say(f"  target >= 300 certificates/s: {'met' if rate >= 300 else 'NOT met'}")
+        if profiler is not None:
+            say("py-spy on the server workers during the timed phase:")
+            say(profiler.summary())
         if args.lego:
             times = time_lego(url, ca.root_path, http_port, args.lego, work)
             if times:
@@ -278,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"server exit code on SIGTERM: {stop}")
         if stop != 0:
             code = 1
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            say(f"kept {work} (holds PIN files; delete it when done)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return code
 
 
