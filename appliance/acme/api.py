@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -48,6 +48,7 @@ log = structlog.get_logger("appliance.acme")
 MAX_IDENTIFIERS = 100
 CHALLENGE_WAIT = 2.0  # seconds a challenge POST waits for its validation before answering
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def problem(kind: str, detail: str, status: int | None = None) -> AcmeProblem:
@@ -82,7 +83,7 @@ class AcmeState:
     max_concurrent: int
     order_lifetime: timedelta
     nonces: NonceIssuer | None = None
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     semaphore: asyncio.Semaphore | None = None
 
 
@@ -110,6 +111,26 @@ class Ctx:
     def store(self) -> SqliteStore:
         return self.state.store
 
+    async def use_nonce(self) -> None:
+        """Use up the request's nonce now (before a change of state that `write` cannot carry)."""
+        pending = self.request.pop(_PENDING_NONCE, None)
+        if pending is not None and not await self.store.run_op(st.op_use_nonce(*pending)):
+            raise _replayed()
+
+    async def write(self, op: Callable[[Any], T]) -> T:
+        """Run a write; the request's nonce, if not yet used, is used in the same commit.
+
+        `op` must return its refusals, not raise them (the nonce is written first).
+        """
+        pending = self.request.pop(_PENDING_NONCE, None)
+        if pending is None:
+            return await self.store.run_op(op)
+        nonce, expires = pending
+        fresh, result = await self.store.run_op(st.op_with_nonce(nonce, expires, op))
+        if not fresh:
+            raise _replayed()
+        return cast(T, result)
+
 
 # -- responses ----------------------------------------------------------------------------------
 async def _nonce(state: AcmeState) -> str:
@@ -135,7 +156,12 @@ def _problem_response(prob: AcmeProblem) -> web.Response:
 
 @web.middleware
 async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Problem documents, Replay-Nonce and Link rel=index on every ACME response."""
+    """Problem documents, Replay-Nonce and Link rel=index on every ACME response.
+
+    A request's nonce is used up before its answer leaves, whatever the answer: a handler that
+    changes state uses it in the same commit (`Ctx.write`), and here every other request's
+    nonce is used, so a replay gets badNonce instead of what the handler answered.
+    """
     state = request.app[ACME]
     try:
         response = await handler(request)
@@ -150,6 +176,18 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
         prob = e if isinstance(e, AcmeProblem) else from_appliance_error(e)
         response = _problem_response(prob)
         request["error"] = prob.detail
+    pending: tuple[str, int] | None = request.pop(_PENDING_NONCE, None)
+    if pending is not None:
+        refusal: AcmeProblem | None
+        try:
+            fresh = await state.store.run_op(st.op_use_nonce(*pending))
+        except ApplianceError as e:
+            refusal = from_appliance_error(e)
+        else:
+            refusal = None if fresh else _replayed()
+        if refusal is not None:
+            response = _problem_response(refusal)
+            request["error"] = refusal.detail
     try:
         response.headers["Replay-Nonce"] = await _nonce(state)
     except ApplianceError:
@@ -164,36 +202,55 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 # -- authentication of a POST -------------------------------------------------------------------
+# request key: (nonce, expiry) of a request whose nonce is checked but not yet used up.
+_PENDING_NONCE = "acme_pending_nonce"
+
+
+def _replayed() -> AcmeProblem:
+    return problem("badNonce", "the nonce is unknown, expired or already used")
+
+
 @dataclass
 class Authenticated:
     message: jws.JwsMessage
     account: st.AcmeAccount | None
     jwk: dict[str, Any]
+    found: Any = None  # what the `read` operation passed to authenticate returned
 
 
 async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool = True,
-                       need_account: bool = True) -> Authenticated:
+                       need_account: bool = True,
+                       read: Callable[[Any], Any] | None = None) -> Authenticated:
+    """Check a POST's JWS: shape, nonce (ours and unexpired), url, key, signature, account.
+
+    The nonce is used up later, in the same commit as the request's first change of state
+    (`Ctx.write`, `Ctx.use_nonce`) or by the middleware before the answer leaves. `read` is a
+    storage read run in the same snapshot as the account lookup; its result is `found`.
+    """
     request = ctx.request
     if request.content_type != "application/jose+json":
         raise problem("malformed", "ACME requests must be application/jose+json", 415)
     body = await request.read()
     message = jws.parse(body)
-    expires = ctx.state.nonces.check(message.nonce) if ctx.state.nonces else None
     if ctx.state.nonces is None:
         await _nonce(ctx.state)
-        expires = ctx.state.nonces.check(message.nonce) if ctx.state.nonces else None
-    if expires is None or not await ctx.store.run_op(st.op_use_nonce(message.nonce, expires)):
-        raise problem("badNonce", "the nonce is unknown, expired or already used")
+    expires = ctx.state.nonces.check(message.nonce) if ctx.state.nonces else None
+    if expires is None:
+        raise _replayed()
+    request[_PENDING_NONCE] = (message.nonce, expires)
     expected = f"https://{request.host}{request.path}"
     if message.url != expected:
         raise problem("unauthorized", f"the JWS url {message.url[:200]!r} is not the request "
                                       f"URL {expected!r}")
     account = None
+    found = None
     if message.jwk is not None:
         if not jwk_allowed:
             raise problem("malformed", "this request must be signed with the account key "
                                        "(kid), not a jwk")
         key = message.jwk
+        if read is not None:
+            found = await ctx.store.run_read(read)
     else:
         if not kid_allowed or message.kid is None:
             raise problem("malformed", "this request must carry a jwk, not a kid")
@@ -201,8 +258,11 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
         if not message.kid.startswith(prefix):
             raise problem("accountDoesNotExist", "the kid is not an account URL of this "
                                                  "provisioner")
-        account = await ctx.store.run_read(st.op_find_account(
-            ctx.provisioner.name, account_id=message.kid[len(prefix):]))
+        find = st.op_find_account(ctx.provisioner.name, account_id=message.kid[len(prefix):])
+        if read is None:
+            account = await ctx.store.run_read(find)
+        else:
+            account, found = await ctx.store.run_read(st.op_read_all(find, read))
         if account is None:
             raise problem("accountDoesNotExist", "no account with this kid exists")
         key = account.jwk
@@ -211,7 +271,7 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
         raise problem("unauthorized", f"the account is {account.status}", 401)
     if need_account and account is None and not jwk_allowed:
         raise problem("accountDoesNotExist", "no account")
-    return Authenticated(message, account, key)
+    return Authenticated(message, account, key, found)
 
 
 def _account_json(ctx: Ctx, account: st.AcmeAccount) -> dict[str, Any]:
@@ -257,6 +317,7 @@ async def new_nonce(request: web.Request) -> web.Response:
 async def new_account(request: web.Request) -> web.Response:
     ctx = Ctx(request)
     auth = await authenticate(ctx, jwk_allowed=True, kid_allowed=False, need_account=False)
+    await ctx.use_nonce()
     payload = auth.message.payload_json()
     thumb = jws.thumbprint(auth.jwk)
     existing = await ctx.store.run_read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
@@ -314,6 +375,7 @@ def _eab_kid(eab: Any) -> str:
 async def account(request: web.Request) -> web.Response:
     ctx = Ctx(request)
     auth = await authenticate(ctx)
+    await ctx.use_nonce()
     assert auth.account is not None
     if request.match_info["id"] != auth.account.id:
         raise problem("unauthorized", "an account can only read or change itself")
@@ -332,6 +394,7 @@ async def account(request: web.Request) -> web.Response:
 async def key_change(request: web.Request) -> web.Response:
     ctx = Ctx(request)
     auth = await authenticate(ctx)
+    await ctx.use_nonce()
     assert auth.account is not None
     account_url = ctx.url("account", auth.account.id)
     inner = json.loads(auth.message.payload) if auth.message.payload else None
@@ -465,7 +528,7 @@ async def new_order(request: web.Request) -> web.Response:
                                        None, None) for k in kinds]))
     order = st.AcmeOrder(order_id, prov.name, auth.account.id, "pending", expires, identifiers,
                          not_before, not_after, [a.id for a in authzs], None, None, replaces)
-    await ctx.store.run_op(st.op_create_order(order, authzs))
+    await ctx.write(st.op_create_order(order, authzs))
     return _json(ctx, _order_json(ctx, order), 201, ctx.url("order", order.id))
 
 
@@ -475,24 +538,26 @@ def _random(n: int) -> bytes:
     return secrets.token_bytes(n)
 
 
-async def _owned_order(ctx: Ctx, order_id: str, account: st.AcmeAccount) -> st.AcmeOrder:
-    order: st.AcmeOrder | None = await ctx.store.run_read(st.op_get_order(order_id))
+async def _owned_order(ctx: Ctx, found: st.AcmeOrder | None, account: st.AcmeAccount
+                       ) -> st.AcmeOrder:
+    """The order `found` (read with the account), if it is this account's."""
+    order = found
     if order is None or order.provisioner != ctx.provisioner.name:
         raise problem("malformed", "no such order", 404)
     if order.account_id != account.id:
         raise problem("unauthorized", "the order belongs to another account")
     if order.status in ("pending", "ready") and order.expires < time.time():
         await ctx.store.run_op(st.op_purge(int(time.time())))
-        order = await ctx.store.run_read(st.op_get_order(order_id))
+        order = await ctx.store.run_read(st.op_get_order(order.id))
         assert order is not None
     return order
 
 
 async def get_order(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx)
+    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
     assert auth.account is not None
-    order = await _owned_order(ctx, request.match_info["id"], auth.account)
+    order = await _owned_order(ctx, auth.found, auth.account)
     response = _json(ctx, _order_json(ctx, order), 200, ctx.url("order", order.id))
     if order.status == "processing":
         response.headers["Retry-After"] = "1"
@@ -519,8 +584,8 @@ def _challenge_json(ctx: Ctx, chal: st.AcmeChallenge) -> dict[str, Any]:
     return body
 
 
-async def _owned_authz(ctx: Ctx, authz_id: str, account: st.AcmeAccount) -> st.AcmeAuthz:
-    authz: st.AcmeAuthz | None = await ctx.store.run_read(st.op_get_authz(authz_id))
+def _owned_authz(authz: st.AcmeAuthz | None, account: st.AcmeAccount) -> st.AcmeAuthz:
+    """The authorization (read with the account), if it is this account's."""
     if authz is None:
         raise problem("malformed", "no such authorization", 404)
     if authz.account_id != account.id:
@@ -543,15 +608,15 @@ def _authz_json(ctx: Ctx, authz: st.AcmeAuthz) -> dict[str, Any]:
 
 async def authz(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx)
+    auth = await authenticate(ctx, read=st.op_get_authz(request.match_info["id"]))
     assert auth.account is not None
-    a = await _owned_authz(ctx, request.match_info["id"], auth.account)
+    a = _owned_authz(auth.found, auth.account)
     if not auth.message.post_as_get:
         payload = auth.message.payload_json()
         if payload.get("status") != "deactivated":
             raise problem("malformed", "an authorization's status can only become deactivated")
-        await ctx.store.run_op(st.op_deactivate_authz(a.id))
-        a = await _owned_authz(ctx, a.id, auth.account)
+        await ctx.write(st.op_deactivate_authz(a.id))
+        a = _owned_authz(await ctx.store.run_read(st.op_get_authz(a.id)), auth.account)
     response = _json(ctx, _authz_json(ctx, a))
     if a.status == "pending" and any(c.status == "processing" for c in a.challenges):
         response.headers["Retry-After"] = "1"
@@ -560,22 +625,23 @@ async def authz(request: web.Request) -> web.Response:
 
 async def challenge(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx)
+    auth = await authenticate(ctx, read=st.op_get_challenge_and_authz(request.match_info["id"]))
     assert auth.account is not None
-    chal = await ctx.store.run_read(st.op_get_challenge(request.match_info["id"]))
+    chal, found_authz = auth.found
     if chal is None:
         raise problem("malformed", "no such challenge", 404)
-    a = await _owned_authz(ctx, chal.authz_id, auth.account)
+    a = _owned_authz(found_authz, auth.account)
     if not auth.message.post_as_get and chal.status == "pending":
         if a.status != "pending" or a.expires < time.time():
             raise problem("malformed", f"the authorization is {a.status}; it cannot be validated")
-        if await ctx.store.run_op(st.op_start_challenge(chal.id)):
+        finished = None
+        if await ctx.write(st.op_start_challenge(chal.id)):
             task = _spawn_validation(ctx.state, a, chal, auth.account.jwk)
             # Most validations take milliseconds: answering with the outcome saves clients a
             # polling round (lego waits 5 s when told "processing" without Retry-After).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), CHALLENGE_WAIT)
-        chal = await ctx.store.run_read(st.op_get_challenge(chal.id))
+                finished = await asyncio.wait_for(asyncio.shield(task), CHALLENGE_WAIT)
+        chal = finished or await ctx.store.run_read(st.op_get_challenge(chal.id))
         assert chal is not None
     up = f'<{ctx.url("authz", a.id)}>;rel="up"'
     response = _json(ctx, _challenge_json(ctx, chal), 200, links=[up])
@@ -585,9 +651,10 @@ async def challenge(request: web.Request) -> web.Response:
 
 
 def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
-                      account_jwk: dict[str, Any]) -> asyncio.Task[None]:
-    """Validate off the request path, bounded in time and in how many run at once."""
-    async def run() -> None:
+                      account_jwk: dict[str, Any]) -> asyncio.Task[st.AcmeChallenge]:
+    """Validate off the request path, bounded in time and in how many run at once; the task's
+    result is the challenge as recorded afterwards."""
+    async def run() -> st.AcmeChallenge:
         if state.semaphore is None:
             state.semaphore = asyncio.Semaphore(state.max_concurrent)
         key_auth = jws.key_authorization(chal.token, account_jwk)
@@ -608,9 +675,11 @@ def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
         if error is not None:
             error_with_id = dict(error, identifier={"type": a.identifier_type,
                                                     "value": a.identifier_value})
-        await state.store.run_op(st.op_finish_challenge(chal.id, error is None, error_with_id))
+        done: st.AcmeChallenge = await state.store.run_op(
+            st.op_finish_challenge(chal.id, error is None, error_with_id))
         log.info("acme_challenge_done", type=chal.type, identifier=a.identifier_value,
                  valid=error is None, error=(error or {}).get("detail"))
+        return done
 
     task = asyncio.get_running_loop().create_task(run())
     state.tasks.add(task)
@@ -633,9 +702,9 @@ async def _validate(settings: ValidationSettings, a: st.AcmeAuthz, chal: st.Acme
 
 async def finalize(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx)
+    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
     assert auth.account is not None
-    order = await _owned_order(ctx, request.match_info["id"], auth.account)
+    order = await _owned_order(ctx, auth.found, auth.account)
     payload = auth.message.payload_json()
     if order.status != "ready":
         raise problem("orderNotReady", f"the order is {order.status}, not ready", 403)
@@ -649,7 +718,7 @@ async def finalize(request: web.Request) -> web.Response:
         subject_cn, sans = _csr_matches_order(ctx, csr, order)
     except ApplianceError as e:
         raise problem("badCSR", e.message) from None
-    if not await ctx.store.run_op(st.op_start_finalize(order.id)):
+    if not await ctx.write(st.op_start_finalize(order.id)):
         raise problem("orderNotReady", "the order is already being finalized", 403)
     try:
         if order.not_before or order.not_after:
@@ -672,9 +741,9 @@ async def finalize(request: web.Request) -> web.Response:
         await ctx.store.run_op(st.op_finish_finalize(
             order.id, None, problem("serverInternal", "issuance failed").to_json()))
         raise
-    await ctx.store.run_op(st.op_finish_finalize(
+    finished = await ctx.store.run_op(st.op_finish_finalize(
         order.id, serial_hex(issued.certificate.serial_number), None))
-    order = await _owned_order(ctx, order.id, auth.account)
+    order = await _owned_order(ctx, finished, auth.account)
     request["provisioner"] = ctx.provisioner.name
     log.info("acme_issued", account=auth.account.id, order=order.id,
              serial=serial_hex(issued.certificate.serial_number))
@@ -716,9 +785,9 @@ def _csr_matches_order(ctx: Ctx, csr: x509.CertificateSigningRequest, order: st.
 
 async def certificate(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx)
+    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
     assert auth.account is not None
-    order = await _owned_order(ctx, request.match_info["id"], auth.account)
+    order = await _owned_order(ctx, auth.found, auth.account)
     if order.cert_serial is None:
         raise problem("malformed", "the order has no certificate yet", 404)
     record = await ctx.store.get_certificate(int(order.cert_serial, 16))
@@ -734,6 +803,7 @@ async def certificate(request: web.Request) -> web.Response:
 async def revoke_cert(request: web.Request) -> web.Response:
     ctx = Ctx(request)
     auth = await authenticate(ctx, jwk_allowed=True, need_account=False)
+    await ctx.use_nonce()
     payload = auth.message.payload_json()
     der = b64url_decode(payload.get("certificate"), "certificate")
     try:

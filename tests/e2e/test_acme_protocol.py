@@ -391,6 +391,49 @@ async def test_a_replayed_request_is_refused(acme: AcmeClient) -> None:
     assert orders["orders"] == [first.location], "the replay made a second order"
 
 
+async def test_every_step_of_an_issuance_refuses_a_replay(
+        acme_ca: AcmeCa, acme: AcmeClient, http01: dict[str, str]) -> None:
+    """Each request of an issuance, sent again byte for byte (also on a new connection, which
+    may reach the other worker), is badNonce, and the replay changes nothing."""
+    account = await acme.new_account()
+    names = names_for(acme.ca, "replay-steps")
+
+    async def twice(url: str, payload: dict[str, Any] | None) -> Reply:
+        body = json.dumps(acme.sign(account.key, payload, url, await acme.fresh_nonce(),
+                                    account.kid)).encode()
+        first = await acme.post_body(url, body)
+        again = await acme.post_body(url, body)
+        assert_problem(again, "badNonce", 400)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as other:
+            elsewhere = await AcmeClient(acme_ca, other).post_body(url, body)
+        assert_problem(elsewhere, "badNonce", 400)
+        return first
+
+    created = await twice(acme.dir["newOrder"],
+                          {"identifiers": [{"type": "dns", "value": n} for n in names]})
+    assert created.status == 201, created
+    order_url, order = created.location, created.json()
+    (authz_url,) = order["authorizations"]
+    authz = await twice(authz_url, None)
+    assert authz.status == 200, authz
+    (chal,) = [c for c in authz.json()["challenges"] if c["type"] == "http-01"]
+    http01[chal["token"]] = f"{chal['token']}.{jws.thumbprint(jws.public_jwk(account.key))}"
+    started = await twice(chal["url"], {})
+    assert started.status == 200, started
+    assert (await acme.poll(account, order_url, {"ready", "invalid"}))["status"] == "ready"
+    final = await twice(order["finalize"], {"csr": b64url(csr_der(new_key(), names))})
+    assert final.status == 200, final
+    order = await acme.poll(account, order_url, {"valid", "invalid"})
+    assert order["status"] == "valid", order
+    cert = await twice(order["certificate"], None)
+    assert cert.status == 200 and cert.body.startswith(b"-----BEGIN CERTIFICATE"), cert
+    missing = await twice(acme.dir["newOrder"].replace("new-order", "order/no-such-order"),
+                          None)
+    assert_problem(missing, "malformed", 404)
+    orders = await acme.get(account, account.kid + "/orders")
+    assert orders["orders"] == [order_url], "a replay made another order"
+
+
 async def test_the_jws_url_must_be_the_request_url(acme: AcmeClient) -> None:
     account = await acme.new_account()
     reply = await acme.as_account(account, acme.dir["newOrder"],
