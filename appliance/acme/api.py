@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import ipaddress
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from appliance.acme import jws
 from appliance.acme.challenges import (
     ChallengeFailed,
+    HttpValidationClient,
     ValidationSettings,
     validate_dns01,
     validate_http01,
@@ -85,6 +88,19 @@ class AcmeState:
     nonces: NonceIssuer | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     semaphore: asyncio.Semaphore | None = None
+    http_client: HttpValidationClient | None = None  # made on first use, closed at cleanup
+
+    def http_validation_client(self) -> HttpValidationClient:
+        if self.http_client is None:
+            self.http_client = HttpValidationClient(self.settings)
+        return self.http_client
+
+    async def close(self) -> None:
+        """Let running validations finish (bounded by their timeout), then close the client."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=self.settings.timeout + 5)
+        if self.http_client is not None:
+            await self.http_client.close()
 
 
 ACME = web.AppKey("acme", AcmeState)
@@ -661,7 +677,7 @@ def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
         error: dict[str, Any] | None = None
         async with state.semaphore:
             try:
-                await asyncio.wait_for(_validate(state.settings, a, chal, key_auth),
+                await asyncio.wait_for(_validate(state, a, chal, key_auth),
                                        state.settings.timeout + 5)
             except ChallengeFailed as e:
                 error = problem(e.problem_type, e.detail).to_json()
@@ -687,11 +703,12 @@ def _spawn_validation(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
     return task
 
 
-async def _validate(settings: ValidationSettings, a: st.AcmeAuthz, chal: st.AcmeChallenge,
+async def _validate(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
                     key_auth: str) -> None:
+    settings = state.settings
     if chal.type == "http-01":
         await validate_http01(a.identifier_type, a.identifier_value, chal.token, key_auth,
-                              settings)
+                              settings, state.http_validation_client())
     elif chal.type == "dns-01":
         await validate_dns01(a.identifier_value, key_auth, settings)
     elif chal.type == "tls-alpn-01":
@@ -793,11 +810,14 @@ async def certificate(request: web.Request) -> web.Response:
     record = await ctx.store.get_certificate(int(order.cert_serial, 16))
     if record is None or record.der is None:
         raise problem("serverInternal", "the certificate record is missing", 500)
-    leaf = x509.load_der_x509_certificate(record.der)
-    chain = [leaf, *ctx.state.authority.issuer.chain]
-    body = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
-    response = web.Response(text=body, content_type="application/pem-certificate-chain")
-    return response
+    body = ssl.DER_cert_to_PEM_cert(record.der) + _chain_pem(ctx.state.authority.issuer.chain)
+    return web.Response(text=body, content_type="application/pem-certificate-chain")
+
+
+@functools.lru_cache(maxsize=8)
+def _chain_pem(chain: tuple[x509.Certificate, ...]) -> str:
+    """The issuer's chain in PEM, encoded once per chain (a reload may bring another)."""
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
 
 
 async def revoke_cert(request: web.Request) -> web.Response:
@@ -915,6 +935,11 @@ def mount_acme(parent: web.Application, state: AcmeState, max_body: int) -> None
         app[ACME] = state
         _add_routes(app)
         parent.add_subapp(prefix, app)
+
+    async def close_state(_app: web.Application) -> None:
+        await state.close()
+
+    parent.on_cleanup.append(close_state)
 
 
 def validation_settings(config: Any, resolver: str | None) -> ValidationSettings:

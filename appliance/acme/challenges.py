@@ -125,21 +125,30 @@ async def resolve_addresses(name: str, settings: ValidationSettings) -> list[str
 
 
 async def validate_http01(identifier_type: str, value: str, token: str, key_authorization: str,
-                          settings: ValidationSettings) -> None:
+                          settings: ValidationSettings,
+                          client: HttpValidationClient | None = None) -> None:
     """GET http://VALUE:http_port/.well-known/acme-challenge/TOKEN; the body must be the key
     authorization (trailing whitespace ignored).
 
     Redirects are followed by hand, at most `settings.max_redirects`, to http and https only;
     https is not verified, since the point of the challenge is to get a first certificate.
+    `client` is the process's validation client; without one a client is made for this call.
     """
     host = _identifier_host(identifier_type, value)
     if not _TOKEN.fullmatch(token):
         raise ChallengeFailed("malformed", "the challenge token is not base64url")
     url = URL.build(scheme="http", host=host, port=settings.http_port,
                     path=f"/.well-known/acme-challenge/{token}")
-    async with _bounded(settings, "connection"):
-        body, final_url = await _fetch_following_redirects(url, settings)
-        _check_http_body(body, key_authorization, final_url)
+    own = client is None
+    if client is None:
+        client = HttpValidationClient(settings)
+    try:
+        async with _bounded(settings, "connection"):
+            body, final_url = await _fetch_following_redirects(url, settings, client.session())
+            _check_http_body(body, key_authorization, final_url)
+    finally:
+        if own:
+            await client.close()
 
 
 async def validate_dns01(value: str, key_authorization: str, settings: ValidationSettings) -> None:
@@ -377,25 +386,52 @@ def _unverified_client_context() -> ssl.SSLContext:
     return context
 
 
-async def _fetch_following_redirects(url: URL, settings: ValidationSettings) -> tuple[bytes, URL]:
+class HttpValidationClient:
+    """The http-01 client of a process: one aiohttp session for all its validations.
+
+    Building a session, a connector and a TLS context cost more CPU than a validation over
+    loopback, so they are made once (on first use, in the running loop) and closed with
+    `close`. Nothing of one validation carries into the next: every request opens its own
+    connection (force_close) to the addresses the name resolves to at that moment (no DNS
+    cache), and no cookies are kept.
+    """
+
+    def __init__(self, settings: ValidationSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=_ValidationResolver(self._settings), use_dns_cache=False,
+                force_close=True, limit=0, ssl=_unverified_client_context())
+            headers = {"User-Agent": "appliance-acme-validator", "Accept": "*/*",
+                       # No compression: a small compressed body must not inflate into a large one.
+                       "Accept-Encoding": "identity"}
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, headers=headers,
+                cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _fetch_following_redirects(url: URL, settings: ValidationSettings,
+                                     session: aiohttp.ClientSession) -> tuple[bytes, URL]:
     """GET URL, following redirects by hand; return the final 200 body and its URL."""
-    connector = aiohttp.TCPConnector(resolver=_ValidationResolver(settings), use_dns_cache=False,
-                                     force_close=True, ssl=_unverified_client_context())
-    headers = {"User-Agent": "appliance-acme-validator", "Accept": "*/*",
-               # No compression: a small compressed body must not inflate into a large one.
-               "Accept-Encoding": "identity"}
-    async with aiohttp.ClientSession(connector=connector, trust_env=False, headers=headers,
-                                     cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
-        for _hop in range(settings.max_redirects + 1):
-            status, location, body = await _get_once(session, url)
-            if status == 200:
-                return body, url
-            if status not in _REDIRECT_STATUSES:
-                raise ChallengeFailed("incorrectResponse", f"{url} answered HTTP {status}")
-            url = _redirect_target(url, location)
-        raise ChallengeFailed("incorrectResponse",
-                              f"more than {settings.max_redirects} redirects, the last to {url}")
+    for _hop in range(settings.max_redirects + 1):
+        status, location, body = await _get_once(session, url)
+        if status == 200:
+            return body, url
+        if status not in _REDIRECT_STATUSES:
+            raise ChallengeFailed("incorrectResponse", f"{url} answered HTTP {status}")
+        url = _redirect_target(url, location)
+    raise ChallengeFailed("incorrectResponse",
+                          f"more than {settings.max_redirects} redirects, the last to {url}")
 
 
 async def _get_once(session: aiohttp.ClientSession, url: URL) -> tuple[int, str | None, bytes]:

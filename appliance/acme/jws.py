@@ -10,6 +10,7 @@ AcmeProblem whose detail says what is wrong. The signing helpers serve test clie
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -345,13 +346,22 @@ def thumbprint(jwk: Mapping[str, Any]) -> str:
     kty = jwk.get("kty")
     if kty not in _PUBLIC_MEMBERS:
         _bad_key(f"cannot take the thumbprint of a key with kty {_clip(repr(kty))}")
-    members = {name: jwk.get(name) for name in _PUBLIC_MEMBERS[str(kty)]}
-    if not all(isinstance(value, str) and value for value in members.values()):
+    names = _PUBLIC_MEMBERS[str(kty)]
+    values = tuple(jwk.get(name) for name in names)
+    if not all(isinstance(value, str) and value for value in values):
         _bad_key(f"cannot take the thumbprint of an incomplete {kty} key")
+    return _thumbprint(names, values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbprint(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    # Cached: an account's thumbprint is taken for every challenge it validates; a refusal
+    # raises, so only valid keys are remembered.
+    members = dict(zip(names, values, strict=True))
     try:
         return str(JWK(**members).thumbprint())
     except (JWException, ValueError, TypeError):
-        _bad_key(f"cannot take the thumbprint of an invalid {kty} key")
+        _bad_key(f"cannot take the thumbprint of an invalid {members['kty']} key")
 
 
 def key_authorization(token: str, jwk: Mapping[str, Any]) -> str:

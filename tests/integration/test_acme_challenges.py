@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.acme.challenges import (
     ChallengeFailed,
+    HttpValidationClient,
     ValidationSettings,
     parse_resolver_address,
     resolve_addresses,
@@ -343,6 +344,37 @@ async def test_http01_follows_a_redirect_to_another_name_through_the_resolver(
                                   timeout=FAST)
     await validate_http01("dns", "web.x.test", TOKEN, KEY_AUTHZ, settings)
     assert web_site.hosts[-1] == f"alias.x.test:{web_site.port}"
+
+
+async def test_a_shared_http01_client_connects_and_resolves_anew_for_every_validation(
+        web_site: HttpSite, dns_server: LocalDnsServer) -> None:
+    peers: list[object] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text=KEY_AUTHZ)
+
+    web_site.routes[CHALLENGE] = answer
+    dns_server.set("moving.x.test", "A", ["127.0.0.1"])
+    settings = ValidationSettings(http_port=web_site.port, resolver=dns_server.address,
+                                  timeout=FAST)
+    client = HttpValidationClient(settings)
+    try:
+        for _ in range(2):
+            await validate_http01("dns", "moving.x.test", TOKEN, KEY_AUTHZ, settings, client)
+        assert len(peers) == 2 and peers[0] != peers[1], (
+            f"the second validation reused the first one's connection: {peers}")
+        # The name now points where nothing listens: a cached address or a kept connection
+        # would still reach the site.
+        dns_server.set("moving.x.test", "A", ["127.0.0.9"])
+        await expect_failure(validate_http01("dns", "moving.x.test", TOKEN, KEY_AUTHZ,
+                                             settings, client), "connection", "refused")
+        assert len(peers) == 2
+    finally:
+        await client.close()
+    assert [q for q in dns_server.queries if q[:2] == ("moving.x.test", "A")][2:], (
+        "each validation should have asked the resolver")
 
 
 async def test_http01_without_an_address_is_a_dns_problem(dns_server: LocalDnsServer) -> None:
