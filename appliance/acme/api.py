@@ -89,6 +89,12 @@ class AcmeState:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     semaphore: asyncio.Semaphore | None = None
     http_client: HttpValidationClient | None = None  # made on first use, closed at cleanup
+    reader: st.AcmeReader | None = None  # likewise; used from the event loop's thread only
+
+    def reads(self) -> st.AcmeReader:
+        if self.reader is None:
+            self.reader = st.AcmeReader(self.store.path, self.store.run_read)
+        return self.reader
 
     def http_validation_client(self) -> HttpValidationClient:
         if self.http_client is None:
@@ -101,6 +107,8 @@ class AcmeState:
             await asyncio.wait(list(self.tasks), timeout=self.settings.timeout + 5)
         if self.http_client is not None:
             await self.http_client.close()
+        if self.reader is not None:
+            self.reader.close()
 
 
 ACME = web.AppKey("acme", AcmeState)
@@ -126,6 +134,10 @@ class Ctx:
     @property
     def store(self) -> SqliteStore:
         return self.state.store
+
+    async def read(self, op: Callable[[Any], T]) -> T:
+        """Run a storage read (one snapshot)."""
+        return await self.state.reads().read(op)
 
     async def use_nonce(self) -> None:
         """Use up the request's nonce now (before a change of state that `write` cannot carry)."""
@@ -266,7 +278,7 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
                                        "(kid), not a jwk")
         key = message.jwk
         if read is not None:
-            found = await ctx.store.run_read(read)
+            found = await ctx.read(read)
     else:
         if not kid_allowed or message.kid is None:
             raise problem("malformed", "this request must carry a jwk, not a kid")
@@ -276,9 +288,9 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
                                                  "provisioner")
         find = st.op_find_account(ctx.provisioner.name, account_id=message.kid[len(prefix):])
         if read is None:
-            account = await ctx.store.run_read(find)
+            account = await ctx.read(find)
         else:
-            account, found = await ctx.store.run_read(st.op_read_all(find, read))
+            account, found = await ctx.read(st.op_read_all(find, read))
         if account is None:
             raise problem("accountDoesNotExist", "no account with this kid exists")
         key = account.jwk
@@ -336,7 +348,7 @@ async def new_account(request: web.Request) -> web.Response:
     await ctx.use_nonce()
     payload = auth.message.payload_json()
     thumb = jws.thumbprint(auth.jwk)
-    existing = await ctx.store.run_read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
+    existing = await ctx.read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if existing is not None:
         if existing.status != "valid":
             raise problem("unauthorized", f"the account for this key is {existing.status}", 401)
@@ -365,7 +377,7 @@ async def new_account(request: web.Request) -> web.Response:
 
 async def _check_eab(ctx: Ctx, eab: Any, outer_jwk: dict[str, Any]) -> str:
     kid = _eab_kid(eab)
-    key = await ctx.store.run_read(st.op_get_eab(ctx.provisioner.name, kid))
+    key = await ctx.read(st.op_get_eab(ctx.provisioner.name, kid))
     if key is None:
         raise problem("unauthorized", "unknown external account key id")
     if key.account_id is not None:
@@ -416,7 +428,7 @@ async def key_change(request: web.Request) -> web.Response:
     inner = json.loads(auth.message.payload) if auth.message.payload else None
     new_jwk = jws.verify_key_change(inner, auth.message, account_url, auth.account.jwk)
     thumb = jws.thumbprint(new_jwk)
-    other = await ctx.store.run_read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
+    other = await ctx.read(st.op_find_account(ctx.provisioner.name, thumbprint=thumb))
     if other is not None:
         response = web.json_response(problem("malformed", "another account uses that key", 409)
                                      .to_json(), status=409,
@@ -564,7 +576,7 @@ async def _owned_order(ctx: Ctx, found: st.AcmeOrder | None, account: st.AcmeAcc
         raise problem("unauthorized", "the order belongs to another account")
     if order.status in ("pending", "ready") and order.expires < time.time():
         await ctx.store.run_op(st.op_purge(int(time.time())))
-        order = await ctx.store.run_read(st.op_get_order(order.id))
+        order = await ctx.read(st.op_get_order(order.id))
         assert order is not None
     return order
 
@@ -586,7 +598,7 @@ async def list_orders(request: web.Request) -> web.Response:
     assert auth.account is not None
     if request.match_info["id"] != auth.account.id:
         raise problem("unauthorized", "an account can only list its own orders")
-    ids = await ctx.store.run_read(st.op_list_orders(auth.account.id))
+    ids = await ctx.read(st.op_list_orders(auth.account.id))
     return _json(ctx, {"orders": [ctx.url("order", i) for i in ids]})
 
 
@@ -632,7 +644,7 @@ async def authz(request: web.Request) -> web.Response:
         if payload.get("status") != "deactivated":
             raise problem("malformed", "an authorization's status can only become deactivated")
         await ctx.write(st.op_deactivate_authz(a.id))
-        a = _owned_authz(await ctx.store.run_read(st.op_get_authz(a.id)), auth.account)
+        a = _owned_authz(await ctx.read(st.op_get_authz(a.id)), auth.account)
     response = _json(ctx, _authz_json(ctx, a))
     if a.status == "pending" and any(c.status == "processing" for c in a.challenges):
         response.headers["Retry-After"] = "1"
@@ -657,7 +669,7 @@ async def challenge(request: web.Request) -> web.Response:
             # polling round (lego waits 5 s when told "processing" without Retry-After).
             with contextlib.suppress(TimeoutError):
                 finished = await asyncio.wait_for(asyncio.shield(task), CHALLENGE_WAIT)
-        chal = finished or await ctx.store.run_read(st.op_get_challenge(chal.id))
+        chal = finished or await ctx.read(st.op_get_challenge(chal.id))
         assert chal is not None
     up = f'<{ctx.url("authz", a.id)}>;rel="up"'
     response = _json(ctx, _challenge_json(ctx, chal), 200, links=[up])
@@ -802,15 +814,15 @@ def _csr_matches_order(ctx: Ctx, csr: x509.CertificateSigningRequest, order: st.
 
 async def certificate(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_get_order_and_certificate(request.match_info["id"]))
     assert auth.account is not None
-    order = await _owned_order(ctx, auth.found, auth.account)
+    found, der = auth.found
+    order = await _owned_order(ctx, found, auth.account)
     if order.cert_serial is None:
         raise problem("malformed", "the order has no certificate yet", 404)
-    record = await ctx.store.get_certificate(int(order.cert_serial, 16))
-    if record is None or record.der is None:
+    if der is None:
         raise problem("serverInternal", "the certificate record is missing", 500)
-    body = ssl.DER_cert_to_PEM_cert(record.der) + _chain_pem(ctx.state.authority.issuer.chain)
+    body = ssl.DER_cert_to_PEM_cert(der) + _chain_pem(ctx.state.authority.issuer.chain)
     return web.Response(text=body, content_type="application/pem-certificate-chain")
 
 
@@ -856,8 +868,8 @@ async def revoke_cert(request: web.Request) -> web.Response:
 
 
 async def _account_owns(ctx: Ctx, account: st.AcmeAccount, serial: str) -> bool:
-    for order_id in await ctx.store.run_read(st.op_list_orders(account.id)):
-        order = await ctx.store.run_read(st.op_get_order(order_id))
+    for order_id in await ctx.read(st.op_list_orders(account.id)):
+        order = await ctx.read(st.op_get_order(order_id))
         if order is not None and order.cert_serial == serial:
             return True
     return False
