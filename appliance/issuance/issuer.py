@@ -31,8 +31,7 @@ from appliance.issuance.names import san_to_text
 from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
 
 T = TypeVar("T")
-MAX_BATCH = 64  # requests one batch takes from the queue
-BATCHES_IN_FLIGHT = 2  # one batch signs while the next is recorded
+MAX_BATCH = 64  # requests one cycle takes from the queue
 log = structlog.get_logger("appliance.issuance")
 
 # Runs a blocking callable on the thread that owns the token session.
@@ -91,13 +90,15 @@ def leaf_key_usage(public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
 class _Job:
     """One request's way through a batch: its serial, intent and the future its caller awaits."""
 
-    __slots__ = ("request", "serial", "intent", "future")
+    __slots__ = ("request", "serial", "intent", "future", "issuer", "certificate")
 
     def __init__(self, request: IssuanceRequest, serial: int,
-                 future: asyncio.Future[IssuedCertificate]) -> None:
+                 future: asyncio.Future[IssuedCertificate], issuer: Issuer) -> None:
         self.request = request
         self.serial = serial
         self.future = future
+        self.issuer = issuer
+        self.certificate: x509.Certificate | None = None
         self.intent = CertificateIntent(
             serial=serial,
             subject=request.subject.rfc4514_string(),
@@ -119,9 +120,9 @@ class _Job:
         return AuditEvent(self.request.audit_event, outcome,
                           f"provisioner:{self.request.provisioner}", details)
 
-    def succeed(self, issued: IssuedCertificate) -> None:
-        if not self.future.done():
-            self.future.set_result(issued)
+    def succeed(self) -> None:
+        if not self.future.done() and self.certificate is not None:
+            self.future.set_result(self.issuer.issued(self.certificate))
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
@@ -152,44 +153,54 @@ class Issuer:
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
             certificate.public_key())  # type: ignore[arg-type]
         self._pending: list[_Job] = []
-        self._batches_running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._drainer: asyncio.Task[None] | None = None
 
     async def issue(self, request: IssuanceRequest) -> IssuedCertificate:
         """Record, sign in the token, record again, return. Raise typed errors only.
 
-        Concurrent requests are issued together (group commit): one batch shares one database
-        commit for its intents, one audit write, one trip to the token's thread and one commit
-        for its certificates, and up to BATCHES_IN_FLIGHT batches overlap. Each request still
-        passes every step alone: its own intent before its own signature, its own outcome.
+        Concurrent requests are issued together (group commit). One task drains the queue in
+        cycles; a cycle takes every request waiting and, in one database commit, records the
+        certificates the previous cycle signed and the intents of the new ones; then one audit
+        write for the new ones, then one trip to the token's thread to sign them. Each request
+        still passes every step on its own: its intent and audit record before its signature,
+        its certificate recorded before it is returned, its own outcome.
         """
-        job = _Job(request, x509.random_serial_number(), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(request, x509.random_serial_number(), loop.create_future(), self)
         self._pending.append(job)
-        if self._batches_running < BATCHES_IN_FLIGHT:
-            self._batches_running += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
         # Shielded: a client that drops mid-request must not abandon a signature halfway.
         return await asyncio.shield(job.future)
 
     async def _drain(self) -> None:
+        signed: list[tuple[_Job, bytes]] = []  # signed last cycle, recorded in this one
         try:
-            while self._pending:
+            while self._pending or signed:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
                 try:
-                    await self._issue_batch(batch)
+                    signed = await self._cycle(signed, batch)
                 except Exception as e:  # noqa: BLE001 - every waiter must hear, or it hangs
                     log.error("issuance_batch_failed", error=type(e).__name__)
-                    for job in batch:
-                        job.fail(e if isinstance(e, ApplianceError)
-                                 else Unavailable("issuance failed; try again"))
+                    error = e if isinstance(e, ApplianceError) else Unavailable(
+                        "issuance failed; try again")
+                    for job in (*(j for j, _ in signed), *batch):
+                        job.fail(error)
+                    signed = []
         finally:
-            self._batches_running -= 1
+            self._drainer = None
 
-    async def _issue_batch(self, batch: list[_Job]) -> None:
-        outcomes = await self._store.reserve_many([job.intent for job in batch])
+    async def _cycle(self, signed: list[tuple[_Job, bytes]], batch: list[_Job]
+                     ) -> list[tuple[_Job, bytes]]:
+        """Record `signed`, reserve, audit and sign `batch`; return what is now signed."""
+        recorded, outcomes = await self._store.record_and_reserve(
+            [(job.serial, der) for job, der in signed], [job.intent for job in batch])
+        for (job, _), not_recorded in zip(signed, recorded, strict=True):
+            if not_recorded is None:
+                job.succeed()
+            else:
+                job.fail(not_recorded)
         reserved: list[_Job] = []
         for job, refused in zip(batch, outcomes, strict=True):
             if refused is None:
@@ -199,7 +210,7 @@ class Issuer:
             else:
                 job.fail(refused)
         if not reserved:
-            return
+            return []
         try:
             # The audit record comes before the signature: no certificate exists unrecorded.
             await self.record_many([job.audit_event("success") for job in reserved])
@@ -207,16 +218,17 @@ class Issuer:
             await self._store.record_failures([job.serial for job in reserved])
             for job in reserved:
                 job.fail(e)
-            return
+            return []
         try:
-            signed = await self._run_signing(partial(self._build_many, reserved))
+            built = await self._run_signing(partial(self._build_many, reserved))
         except Exception as e:  # noqa: BLE001 - the token thread itself failed: none signed
-            signed = [e] * len(reserved)
-        certificates: list[tuple[_Job, x509.Certificate]] = []
+            built = [e] * len(reserved)
+        now_signed: list[tuple[_Job, bytes]] = []
         unsigned: list[_Job] = []
-        for job, outcome in zip(reserved, signed, strict=True):
+        for job, outcome in zip(reserved, built, strict=True):
             if isinstance(outcome, x509.Certificate):
-                certificates.append((job, outcome))
+                job.certificate = outcome
+                now_signed.append((job, outcome.public_bytes(serialization.Encoding.DER)))
             else:
                 log.error("token_sign_failed", serial=format(job.serial, "x"),
                           error=type(outcome).__name__)
@@ -228,16 +240,7 @@ class Issuer:
                                         for job in unsigned])
             for job in unsigned:
                 job.fail(Unavailable("the token could not sign the certificate; try again"))
-        if not certificates:
-            return
-        recorded = await self._store.record_certificates(
-            [(job.serial, cert.public_bytes(serialization.Encoding.DER))
-             for job, cert in certificates])
-        for (job, cert), refused in zip(certificates, recorded, strict=True):
-            if refused is None:
-                job.succeed(IssuedCertificate(cert, self.chain, self._chain_pem))
-            else:
-                job.fail(refused)
+        return now_signed
 
     def _build_many(self, jobs: list[_Job]) -> list[x509.Certificate | Exception]:
         """Build and token-sign each job's certificate (on the token's thread); one outcome each."""
@@ -259,6 +262,9 @@ class Issuer:
             log.error("audit_write_failed", audit_event=events[0].event)
             raise Unavailable("the audit log cannot be written: issuance is stopped until it "
                               "can be") from None
+
+    def issued(self, certificate: x509.Certificate) -> IssuedCertificate:
+        return IssuedCertificate(certificate, self.chain, self._chain_pem)
 
     async def record(self, event: AuditEvent) -> None:
         """Write an audit record; fail closed: no record, no certificate (or CRL, revocation)."""

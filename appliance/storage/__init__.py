@@ -100,6 +100,11 @@ class Store(Protocol):
                                   ) -> list[StorageError | None]:
         """Record signed certificates (serial, DER) in one commit; per certificate an outcome."""
 
+    async def record_and_reserve(
+        self, signed: list[tuple[int, bytes]], intents: list[CertificateIntent],
+    ) -> tuple[list[StorageError | None], list[TokenReused | StorageError | None]]:
+        """Both of the above in one commit; the outcomes of each, in order."""
+
     async def record_failure(self, serial: int) -> None:
         """Mark a reserved serial as never signed."""
 

@@ -425,43 +425,7 @@ class SqliteStore:
 
     async def reserve_many(self, intents: list[CertificateIntent]
                            ) -> list[TokenReused | StorageError | None]:
-        """Record intents (and their token ids) in one commit; one outcome per intent.
-
-        A replayed token (TokenReused) or a colliding serial (StorageError) refuses that intent
-        alone and leaves nothing of it behind; its neighbours are recorded.
-        """
-        now = int(time.time())
-        rows = [(intent, (serial_hex(intent.serial), intent.subject,
-                          json.dumps(list(intent.sans)), _ts(intent.not_before),
-                          _ts(intent.not_after), intent.provisioner)) for intent in intents]
-
-        def op(conn: Connection) -> list[TokenReused | StorageError | None]:
-            db = _driver(conn)
-            out: list[TokenReused | StorageError | None] = []
-            for intent, row in rows:
-                tu = intent.token_use
-                token_id = None
-                if tu is not None:
-                    try:
-                        db.execute(_SQL_INSERT_JTI,
-                                   (tu.provisioner, tu.jti, _ts(tu.expires_at), now))
-                    except sqlite3.IntegrityError:
-                        out.append(TokenReused(tu.jti))  # the statement wrote nothing
-                        continue
-                    token_id = f"{tu.provisioner}/{tu.jti}"
-                try:
-                    db.execute(_SQL_INSERT_INTENT, (*row, token_id, now))
-                except sqlite3.IntegrityError:
-                    # A serial collision after the token id was written: take the id back, so
-                    # the token stays usable and nothing of this intent remains.
-                    if tu is not None:
-                        db.execute(_SQL_DELETE_JTI, (tu.provisioner, tu.jti))
-                    out.append(StorageError("the database refused the write: IntegrityError"))
-                    continue
-                out.append(None)
-            return out
-
-        return await self._submit(op)
+        return (await self.record_and_reserve([], intents))[1]
 
     async def record_certificate(self, serial: int, der: bytes) -> None:
         (error,) = await self.record_certificates([(serial, der)])
@@ -470,19 +434,57 @@ class SqliteStore:
 
     async def record_certificates(self, signed: list[tuple[int, bytes]]
                                   ) -> list[StorageError | None]:
-        """Record signed certificates of reserved serials in one commit; one outcome each."""
-        now = int(time.time())
-        rows = [(der, now, serial_hex(serial)) for serial, der in signed]
+        return (await self.record_and_reserve(signed, []))[0]
 
-        def op(conn: Connection) -> list[StorageError | None]:
+    async def record_and_reserve(
+        self, signed: list[tuple[int, bytes]], intents: list[CertificateIntent],
+    ) -> tuple[list[StorageError | None], list[TokenReused | StorageError | None]]:
+        """In one commit: record signed certificates (serial, DER) of reserved serials, and
+        record new intents with their token ids; one outcome per certificate and per intent.
+
+        A replayed token (TokenReused) or a colliding serial (StorageError) refuses that intent
+        alone and leaves nothing of it behind; its neighbours are recorded.
+        """
+        now = int(time.time())
+        issued_rows = [(der, now, serial_hex(serial)) for serial, der in signed]
+        intent_rows = [(intent, (serial_hex(intent.serial), intent.subject,
+                                 json.dumps(list(intent.sans)), _ts(intent.not_before),
+                                 _ts(intent.not_after), intent.provisioner))
+                       for intent in intents]
+
+        def op(conn: Connection) -> tuple[list[StorageError | None],
+                                          list[TokenReused | StorageError | None]]:
             db = _driver(conn)
-            out: list[StorageError | None] = []
-            for row in rows:
+            recorded: list[StorageError | None] = []
+            for row in issued_rows:
                 if db.execute(_SQL_MARK_ISSUED, row).rowcount != 1:
-                    out.append(StorageError(f"serial {row[2]} was never reserved"))
+                    recorded.append(StorageError(f"serial {row[2]} was never reserved"))
                 else:
-                    out.append(None)
-            return out
+                    recorded.append(None)
+            reserved: list[TokenReused | StorageError | None] = []
+            for intent, intent_row in intent_rows:
+                tu = intent.token_use
+                token_id = None
+                if tu is not None:
+                    try:
+                        db.execute(_SQL_INSERT_JTI,
+                                   (tu.provisioner, tu.jti, _ts(tu.expires_at), now))
+                    except sqlite3.IntegrityError:
+                        reserved.append(TokenReused(tu.jti))  # the statement wrote nothing
+                        continue
+                    token_id = f"{tu.provisioner}/{tu.jti}"
+                try:
+                    db.execute(_SQL_INSERT_INTENT, (*intent_row, token_id, now))
+                except sqlite3.IntegrityError:
+                    # A serial collision after the token id was written: take the id back, so
+                    # the token stays usable and nothing of this intent remains.
+                    if tu is not None:
+                        db.execute(_SQL_DELETE_JTI, (tu.provisioner, tu.jti))
+                    reserved.append(StorageError("the database refused the write: "
+                                                 "IntegrityError"))
+                    continue
+                reserved.append(None)
+            return recorded, reserved
 
         return await self._submit(op)
 
