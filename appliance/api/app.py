@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -59,6 +60,9 @@ AUDITED_PATHS = (*ISSUING_PATHS, "/revoke", "/revoke-cert", "/new-account")
 
 
 STATE = web.AppKey("state", ApiState)
+# Request ids need to be unique, not secret: a PRNG seeded once per process spares a getrandom
+# system call on every request.
+_request_ids = random.Random(secrets.randbits(128))  # noqa: S311 - not a secret
 
 
 def error_body(status: int, message: str) -> web.Response:
@@ -69,7 +73,8 @@ def error_body(status: int, message: str) -> web.Response:
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One log line per request; typed errors become step-ca JSON; nothing internal leaks."""
     start = time.perf_counter()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    request_id = (request.headers.get("X-Request-Id", "")[:64]
+                  or f"{_request_ids.getrandbits(64):016x}")
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         response = await _limited(request, handler)
         response.headers["X-Request-Id"] = request_id
