@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APPLIANCE_HOME ?= $(HOME)/.appliance
 export APPLIANCE_HOME
 # Debian packages: the token (softhsm2), pkcs11-tool (opensc) and openssl for the tests.
-APT_PACKAGES := softhsm2 opensc openssl ca-certificates python3-venv systemd procps
+APT_PACKAGES := softhsm2 opensc openssl ca-certificates python3-venv systemd procps certbot lego
 
 .PHONY: run test deps venv lint bench clean-venv
 
