@@ -6,12 +6,19 @@ verified by openssl against the root, and the CA keys shown to be unextractable 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
+import os
+import signal
+import ssl
 import stat
 import subprocess
 import sys
 import textwrap
+import time
+from collections import Counter
 from pathlib import Path
 
 import jwt
@@ -20,7 +27,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from e2e_support import PROVISIONER, SOFTHSM_MODULE, CaServer, clean_env, sha256_hex
+from e2e_support import (
+    PROVISIONER,
+    SOFTHSM_MODULE,
+    WORKERS,
+    CaServer,
+    clean_env,
+    sha256_hex,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -266,6 +280,70 @@ def test_token_then_certificate_with_token(client: CaServer) -> None:
 def test_pidfile_names_the_server(ca: CaServer) -> None:
     assert ca.process is not None
     assert ca.pidfile.read_text().strip() == str(ca.process.pid)
+
+
+async def test_connections_are_spread_evenly_over_the_workers(ca: CaServer) -> None:
+    """The supervisor hands connections to the workers in turn (SO_REUSEPORT's hash does not:
+    it put 14 of 32 keep-alive connections on one worker and 18 on the other)."""
+    connections = 4 * WORKERS
+    since = ca.log_size()
+    lines = await health_on_new_connections(ca, connections)
+    assert all(line.startswith(b"HTTP/1.1 200 ") for line in lines), lines
+    deadline = time.monotonic() + 10
+    while True:
+        served = [e["worker"] for e in ca.events(since)
+                  if e.get("event") == "request" and e.get("path") == "/health"]
+        if len(served) >= connections or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(Counter(served).items()) == [(w, 4) for w in range(WORKERS)], served
+
+
+def worker_pids(ca: CaServer) -> list[int]:
+    assert ca.process is not None
+    children = Path(f"/proc/{ca.process.pid}/task/{ca.process.pid}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+async def health_on_new_connections(ca: CaServer, count: int) -> list[bytes]:
+    """Status lines of GET /health, each on its own connection, all open at once."""
+    streams = []
+    try:
+        for _ in range(count):
+            streams.append(await asyncio.open_connection(
+                "127.0.0.1", ca.port, ssl=ca.ssl_context(), server_hostname="localhost"))
+        lines = []
+        for reader, writer in streams:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await writer.drain()
+            lines.append(await reader.readline())
+        return lines
+    finally:
+        for _, writer in streams:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaServer) -> None:
+    before = worker_pids(ca)
+    assert len(before) == WORKERS
+    since = ca.log_size()
+    os.kill(before[0], signal.SIGKILL)
+    ca.wait_for_event("worker_died", since)
+    # Connections that arrive while the worker is being replaced go to the one still serving
+    # (those already handed to the killed worker died with it, as with any listener).
+    lines = await health_on_new_connections(ca, 4 * WORKERS)
+    assert all(line.startswith(b"HTTP/1.1 200 ") for line in lines), lines
+    assert not any(e.get("event") == "worker_ready" for e in ca.events(since)), (
+        "the replacement was ready before the connections were made: the test proves nothing")
+    ready = ca.wait_for_event("worker_ready", since)
+    after = worker_pids(ca)
+    assert len(after) == WORKERS and before[0] not in after and ready["pid"] in after, (
+        before, after, ready)
+    # Once it is ready, the replacement takes its turn again.
+    await test_connections_are_spread_evenly_over_the_workers(ca)
 
 
 # -- the CA keys stay in the token ----------------------------------------------------------------
