@@ -167,8 +167,12 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     # Everything loaded so far (modules, config, the app) lives as long as the worker: move it out
     # of the collector's sight, so a full collection under load walks only what requests made
     # (measured: 1 ms instead of 60 ms, which was the worst latency of a loaded worker).
+    # Requests free what they make by reference counting; the collector only looks for cycles.
+    # Running it every 700 net allocations (the default) cost ~15 us per certificate; every
+    # 20,000 it walks about the same live objects 28 times less often.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     control.send(("ready", os.getpid()))
     await stop.wait()
     loop.remove_reader(control.fileno())
