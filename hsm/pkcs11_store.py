@@ -50,6 +50,7 @@ from hsm.errors import (
     TokenNotFound,
     UnsupportedKey,
 )
+from hsm.inprocess_sign import GilHoldingSigner
 from hsm.keys import TokenEd25519PrivateKey, TokenEllipticCurvePrivateKey, TokenRSAPrivateKey
 from hsm.keystore import KeyRef, KeySpec, KeyStore, PublicKey, TokenPrivateKey
 from hsm.uri import InvalidPkcs11Uri, Pkcs11Uri
@@ -265,6 +266,8 @@ class Pkcs11KeyStore:
         # Touched only on the PKCS#11 thread.
         self._private_handles: dict[KeyRef, PrivateKey] = {}
         self._public_keys: dict[KeyRef, PublicKey] = {}
+        self._session_handle: int = cast(Any, session).handle
+        self._gil_signer = GilHoldingSigner.for_module(module_path)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -298,6 +301,11 @@ class Pkcs11KeyStore:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def holds_gil_while_signing(self) -> bool:
+        """True for an in-process software token (SoftHSM2): see hsm.inprocess_sign."""
+        return self._gil_signer is not None
 
     def close(self) -> None:
         """Log out, close the session and stop the PKCS#11 thread if no other store uses it."""
@@ -600,6 +608,12 @@ class Pkcs11KeyStore:
         with _translated(self.token_label):
             if not isinstance(ref_or_handle, KeyRef):
                 return _sign(ref_or_handle, mechanism, data, mechanism_param)
+            if self._gil_signer is not None and mechanism_param is None:
+                handle = self._private_handle(ref_or_handle)
+                signature = self._gil_signer.sign(
+                    self._session_handle, cast(Any, handle).handle, int(mechanism), data)
+                if signature is not None:
+                    return signature
             try:
                 return _sign(self._private_handle(ref_or_handle), mechanism, data, mechanism_param)
             except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):

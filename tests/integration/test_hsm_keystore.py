@@ -24,13 +24,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from pkcs11 import exceptions as p11
 from pkcs11.constants import Attribute, MechanismFlag, ObjectClass
 from pkcs11.mechanisms import KeyType as P11KeyType
 
+from hsm.inprocess_sign import GilHoldingSigner, is_in_process
 from hsm.keys import TokenEllipticCurvePrivateKey, TokenRSAPrivateKey
 from hsm.keystore import (
     KeyExists,
@@ -655,3 +656,43 @@ def test_prehashed_and_directly_constructed_keys(keystore: Pkcs11KeyStore, p256:
         key.sign(b"data", ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     with pytest.raises(UnsupportedKey, match="not an RSA key"):
         TokenRSAPrivateKey(keystore, p256.ref)
+
+
+# -- the GIL-holding signing path (hsm.inprocess_sign) --------------------------------------------
+def test_softhsm_is_signed_through_the_gil_holding_path(
+    keystore: Pkcs11KeyStore, p256: TokenKey
+) -> None:
+    """SoftHSM2 computes in process, so the store signs without releasing the GIL; every other
+    test in this module that signs goes through that path too."""
+    assert keystore.holds_gil_while_signing
+    assert is_in_process(keystore.module_path)
+    opensc = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+    assert not is_in_process(opensc)  # a device token: python-pkcs11's GIL-releasing calls
+    if Path(opensc).exists():
+        assert GilHoldingSigner.for_module(opensc) is None
+    digest = hashlib.sha256(b"held").digest()
+
+    def sign_directly(session: pkcs11.Session) -> tuple[bytes | None, bytes | None, bytes | None]:
+        signer = GilHoldingSigner.for_module(keystore.module_path)
+        assert signer is not None
+        (private,) = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                                          Attribute.LABEL: p256.ref.label})
+        handle: int = private.handle  # type: ignore[attr-defined]
+        session_handle: int = session.handle  # type: ignore[attr-defined]
+        good = signer.sign(session_handle, handle, pkcs11.Mechanism.ECDSA, digest)
+        # Errors start no operation or end it: the caller falls back, and the session is free.
+        bad_key = signer.sign(session_handle, 0x7FFFFFFF, pkcs11.Mechanism.ECDSA, digest)
+        bad_mechanism = signer.sign(session_handle, handle, pkcs11.Mechanism.RSA_PKCS, digest)
+        again = signer.sign(session_handle, handle, pkcs11.Mechanism.ECDSA, digest)
+        assert again is not None
+        return good, bad_key, bad_mechanism
+
+    good, bad_key, bad_mechanism = with_raw_session(keystore, sign_directly)
+    assert bad_key is None and bad_mechanism is None
+    assert good is not None and len(good) == 64
+    public = p256.key.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    der = encode_dss_signature(int.from_bytes(good[:32], "big"), int.from_bytes(good[32:], "big"))
+    public.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    with pytest.raises(InvalidSignature):
+        public.verify(der, hashlib.sha256(b"other").digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
