@@ -135,9 +135,9 @@ class Ctx:
     def store(self) -> SqliteStore:
         return self.state.store
 
-    async def read(self, op: Callable[[Any], T]) -> T:
-        """Run a storage read (one snapshot)."""
-        return await self.state.reads().read(op)
+    async def read(self, op: Callable[[Any], T], *, one_statement: bool = False) -> T:
+        """Run a storage read (one snapshot; see `AcmeReader.read` for `one_statement`)."""
+        return await self.state.reads().read(op, one_statement=one_statement)
 
     async def use_nonce(self) -> None:
         """Use up the request's nonce now (before a change of state that `write` cannot carry)."""
@@ -246,14 +246,20 @@ class Authenticated:
     found: Any = None  # what the `read` operation passed to authenticate returned
 
 
+# How a kid request reads its account together with the object its URL names (provisioner,
+# account id, the URL's id): one of the storage layer's op_account_and_* reads.
+ReadWithAccount = Callable[[str, str, str], st.AccountRead]
+
+
 async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool = True,
                        need_account: bool = True,
-                       read: Callable[[Any], Any] | None = None) -> Authenticated:
+                       read: ReadWithAccount | None = None) -> Authenticated:
     """Check a POST's JWS: shape, nonce (ours and unexpired), url, key, signature, account.
 
     The nonce is used up later, in the same commit as the request's first change of state
-    (`Ctx.write`, `Ctx.use_nonce`) or by the middleware before the answer leaves. `read` is a
-    storage read run in the same snapshot as the account lookup; its result is `found`.
+    (`Ctx.write`, `Ctx.use_nonce`) or by the middleware before the answer leaves. `read` (kid
+    requests only) reads the account and the object named by the URL's id in one statement;
+    that object is `found`.
     """
     request = ctx.request
     if request.content_type != "application/jose+json":
@@ -277,8 +283,6 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
             raise problem("malformed", "this request must be signed with the account key "
                                        "(kid), not a jwk")
         key = message.jwk
-        if read is not None:
-            found = await ctx.read(read)
     else:
         if not kid_allowed or message.kid is None:
             raise problem("malformed", "this request must carry a jwk, not a kid")
@@ -286,11 +290,14 @@ async def authenticate(ctx: Ctx, *, jwk_allowed: bool = False, kid_allowed: bool
         if not message.kid.startswith(prefix):
             raise problem("accountDoesNotExist", "the kid is not an account URL of this "
                                                  "provisioner")
-        find = st.op_find_account(ctx.provisioner.name, account_id=message.kid[len(prefix):])
+        account_id = message.kid[len(prefix):]
         if read is None:
-            account = await ctx.read(find)
+            account = await ctx.read(st.op_find_account(ctx.provisioner.name,
+                                                        account_id=account_id))
         else:
-            account, found = await ctx.read(st.op_read_all(find, read))
+            account, found = await ctx.read(
+                read(ctx.provisioner.name, account_id, request.match_info["id"]),
+                one_statement=True)
         if account is None:
             raise problem("accountDoesNotExist", "no account with this kid exists")
         key = account.jwk
@@ -583,7 +590,7 @@ async def _owned_order(ctx: Ctx, found: st.AcmeOrder | None, account: st.AcmeAcc
 
 async def get_order(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_account_and_order)
     assert auth.account is not None
     order = await _owned_order(ctx, auth.found, auth.account)
     response = _json(ctx, _order_json(ctx, order), 200, ctx.url("order", order.id))
@@ -636,7 +643,7 @@ def _authz_json(ctx: Ctx, authz: st.AcmeAuthz) -> dict[str, Any]:
 
 async def authz(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_authz(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_account_and_authz)
     assert auth.account is not None
     a = _owned_authz(auth.found, auth.account)
     if not auth.message.post_as_get:
@@ -653,7 +660,7 @@ async def authz(request: web.Request) -> web.Response:
 
 async def challenge(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_challenge_and_authz(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_account_and_challenge)
     assert auth.account is not None
     chal, found_authz = auth.found
     if chal is None:
@@ -731,7 +738,7 @@ async def _validate(state: AcmeState, a: st.AcmeAuthz, chal: st.AcmeChallenge,
 
 async def finalize(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_order(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_account_and_order)
     assert auth.account is not None
     order = await _owned_order(ctx, auth.found, auth.account)
     payload = auth.message.payload_json()
@@ -814,7 +821,7 @@ def _csr_matches_order(ctx: Ctx, csr: x509.CertificateSigningRequest, order: st.
 
 async def certificate(request: web.Request) -> web.Response:
     ctx = Ctx(request)
-    auth = await authenticate(ctx, read=st.op_get_order_and_certificate(request.match_info["id"]))
+    auth = await authenticate(ctx, read=st.op_account_and_order_with_certificate)
     assert auth.account is not None
     found, der = auth.found
     order = await _owned_order(ctx, found, auth.account)

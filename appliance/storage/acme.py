@@ -278,11 +278,17 @@ class AcmeReader:
                 self._unavailable = True
         return self._db
 
-    async def read(self, op: Callable[[Db], T]) -> T:
-        """Run a read operation in one snapshot."""
+    async def read(self, op: Callable[[Db], T], *, one_statement: bool = False) -> T:
+        """Run a read operation in one snapshot.
+
+        An operation that runs a single SELECT (`one_statement`) is a snapshot by itself, so it
+        runs without BEGIN and ROLLBACK around it.
+        """
         db = self._connection()
         if db is not None:
             try:
+                if one_statement:
+                    return op(db)
                 db.execute("BEGIN")
                 try:
                     return op(db)
@@ -413,13 +419,6 @@ def op_with_nonce(nonce: str, expires_at: int, then: Callable[[Db], T]
     return op
 
 
-def op_read_all(*ops: Callable[[Db], Any]) -> Callable[[Db], tuple[Any, ...]]:
-    """Several read operations in one snapshot (one trip to the reader thread)."""
-    def op(conn: Db) -> tuple[Any, ...]:
-        return tuple(read(conn) for read in ops)
-    return op
-
-
 def op_purge(now: int) -> Any:
     def op(conn: Db) -> int:
         n = _write(conn, "DELETE FROM acme_nonces WHERE expires_at < ?", (now,))
@@ -541,27 +540,102 @@ def op_get_challenge(challenge_id: str) -> Any:
     return op
 
 
-def op_get_order_and_certificate(order_id: str) -> Any:
-    """The order and, once it has one, its certificate's DER (None if it has none yet)."""
-    def op(conn: Db) -> tuple[AcmeOrder | None, bytes | None]:
-        order = _read_order(conn, order_id)
-        if order is None or order.cert_serial is None:
-            return order, None
-        # The certificates table is the store's; cert_serial is its key (lowercase hex).
-        row = _one(conn, "SELECT der FROM certificates WHERE serial = ?",
-                   (order.cert_serial,))
-        return order, None if row is None or row[0] is None else bytes(row[0])
+# -- an account with what a request names, in one statement ------------------------------------
+# Each authenticated ACME request reads its account and the object its URL names. As one SELECT
+# (the account LEFT JOINed with the object) it is one consistent snapshot by itself: no
+# BEGIN/ROLLBACK around it, and one trip into SQLite instead of four or five, each of which lets
+# go of the GIL and may have to wait to get it back from the writer or the PKCS#11 thread.
+_SQL_ACCOUNT_ORDER = (
+    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
+    "a.created_at, o.id, o.provisioner, o.account_id, o.status, o.expires, o.identifiers, "
+    "o.not_before, o.not_after, o.authz_ids, o.error, o.cert_serial, o.replaces "
+    "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
+    "WHERE a.id = ? AND a.provisioner = ?")
+# The certificates table is the store's; cert_serial is its key (lowercase hex).
+_SQL_ACCOUNT_ORDER_DER = (
+    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
+    "a.created_at, o.id, o.provisioner, o.account_id, o.status, o.expires, o.identifiers, "
+    "o.not_before, o.not_after, o.authz_ids, o.error, o.cert_serial, o.replaces, k.der "
+    "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
+    "LEFT JOIN certificates k ON k.serial = o.cert_serial "
+    "WHERE a.id = ? AND a.provisioner = ?")
+_SQL_ACCOUNT_AUTHZ = (
+    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
+    "a.created_at, z.id, z.order_id, z.account_id, z.identifier_type, z.identifier_value, "
+    "z.wildcard, z.status, z.expires, c.id, c.authz_id, c.type, c.token, c.status, "
+    "c.validated, c.error "
+    "FROM acme_accounts a LEFT JOIN acme_authzs z ON z.id = ? "
+    "LEFT JOIN acme_challenges c ON c.authz_id = z.id "
+    "WHERE a.id = ? AND a.provisioner = ? ORDER BY c.type")
+_SQL_ACCOUNT_CHALLENGE = (
+    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
+    "a.created_at, t.id, t.authz_id, t.type, t.token, t.status, t.validated, t.error, "
+    "z.id, z.order_id, z.account_id, z.identifier_type, z.identifier_value, z.wildcard, "
+    "z.status, z.expires, c.id, c.authz_id, c.type, c.token, c.status, c.validated, c.error "
+    "FROM acme_accounts a LEFT JOIN acme_challenges t ON t.id = ? "
+    "LEFT JOIN acme_authzs z ON z.id = t.authz_id "
+    "LEFT JOIN acme_challenges c ON c.authz_id = z.id "
+    "WHERE a.id = ? AND a.provisioner = ? ORDER BY c.type")
+_NA, _NO, _NZ, _NC = 8, 12, 8, 7  # columns of an account, order, authorization, challenge
+
+AccountRead = Callable[[Db], tuple[AcmeAccount | None, Any]]
+
+
+def _authz_from(rows: list[tuple[Any, ...]], at: int) -> AcmeAuthz | None:
+    """The authorization at column `at` of joined rows, with the challenges that follow it."""
+    first = rows[0]
+    if first[at] is None:
+        return None
+    chals = [_challenge(r[at + _NZ:at + _NZ + _NC]) for r in rows if r[at + _NZ] is not None]
+    return AcmeAuthz(first[at], first[at + 1], first[at + 2], first[at + 3], first[at + 4],
+                     bool(first[at + 5]), first[at + 6], first[at + 7], chals)
+
+
+def op_account_and_order(provisioner: str, account_id: str, order_id: str) -> AccountRead:
+    """(the account, the order), read as one; (None, None) without such an account."""
+    def op(conn: Db) -> tuple[AcmeAccount | None, AcmeOrder | None]:
+        row = _one(conn, _SQL_ACCOUNT_ORDER, (order_id, account_id, provisioner))
+        if row is None:
+            return None, None
+        return _account(row), None if row[_NA] is None else _order(row[_NA:])
     return op
 
 
-def op_get_challenge_and_authz(challenge_id: str) -> Any:
-    """The challenge and its authorization (with all its challenges), or (None, None)."""
-    def op(conn: Db) -> tuple[AcmeChallenge | None, AcmeAuthz | None]:
-        row = _one(conn, _SQL_CHALLENGE, (challenge_id,))
+def op_account_and_order_with_certificate(provisioner: str, account_id: str, order_id: str
+                                          ) -> AccountRead:
+    """(the account, (the order, its certificate's DER or None)), read as one."""
+    def op(conn: Db) -> tuple[AcmeAccount | None, tuple[AcmeOrder | None, bytes | None]]:
+        row = _one(conn, _SQL_ACCOUNT_ORDER_DER, (order_id, account_id, provisioner))
         if row is None:
+            return None, (None, None)
+        order = None if row[_NA] is None else _order(row[_NA:_NA + _NO])
+        der = row[_NA + _NO]
+        return _account(row), (order, None if order is None or der is None else bytes(der))
+    return op
+
+
+def op_account_and_authz(provisioner: str, account_id: str, authz_id: str) -> AccountRead:
+    """(the account, the authorization with its challenges), read as one."""
+    def op(conn: Db) -> tuple[AcmeAccount | None, AcmeAuthz | None]:
+        rows = _all(conn, _SQL_ACCOUNT_AUTHZ, (authz_id, account_id, provisioner))
+        if not rows:
             return None, None
-        chal = _challenge(row)
-        return chal, _read_authz(conn, chal.authz_id)
+        return _account(rows[0]), _authz_from(rows, _NA)
+    return op
+
+
+def op_account_and_challenge(provisioner: str, account_id: str, challenge_id: str
+                             ) -> AccountRead:
+    """(the account, (the challenge, its authorization with all its challenges)), read as one."""
+    def op(conn: Db) -> tuple[AcmeAccount | None,
+                              tuple[AcmeChallenge | None, AcmeAuthz | None]]:
+        rows = _all(conn, _SQL_ACCOUNT_CHALLENGE, (challenge_id, account_id, provisioner))
+        if not rows:
+            return None, (None, None)
+        first = rows[0]
+        if first[_NA] is None:
+            return _account(first), (None, None)
+        return _account(first), (_challenge(first[_NA:_NA + _NC]), _authz_from(rows, _NA + _NC))
     return op
 
 

@@ -1,6 +1,7 @@
 """ACME state in a real SQLite store: single-use nonces with the change they authorize, and the
 event-loop reader that ACME lookups use (what it sees, and what it does when it cannot read)."""
 
+import dataclasses
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -52,9 +53,8 @@ async def test_the_event_loop_reader_sees_every_commit(tmp_path: Path) -> None:
         order, authzs = order_for(acct)
         await store.run_op(st.op_create_order(order, authzs))
         chal = authzs[0].challenges[0]
-        found = await reader.read(st.op_read_all(
-            st.op_find_account("acme", account_id=acct.id),
-            st.op_get_challenge_and_authz(chal.id)))
+        found = await reader.read(st.op_account_and_challenge("acme", acct.id, chal.id),
+                                  one_statement=True)
         assert found == (acct, (chal, authzs[0]))
         await store.run_op(st.op_start_challenge(chal.id))
         done = await store.run_op(st.op_finish_challenge(chal.id, True, None))
@@ -63,6 +63,55 @@ async def test_the_event_loop_reader_sees_every_commit(tmp_path: Path) -> None:
         refreshed = await reader.read(st.op_get_order(order.id))
         assert refreshed is not None and refreshed.status == "ready"
         assert await reader.read(st.op_get_order("no-such-order")) is None
+    finally:
+        reader.close()
+        await store.close()
+
+
+async def test_an_account_is_read_with_what_a_request_names_or_not_at_all(tmp_path: Path
+                                                                          ) -> None:
+    store = SqliteStore.open(tmp_path / "a.db")
+    reader = st.AcmeReader(store.path, store.run_read)
+    try:
+        acct = await store.run_op(st.op_create_account(account(), None))
+        other = await store.run_op(st.op_create_account(account("other-key"), None))
+        order, authzs = order_for(acct)
+        authz = authzs[0]
+        # Two challenges, made in the opposite order to the one they are read back in.
+        chals = [st.AcmeChallenge(st.new_id(), authz.id, kind, "tok", "pending", None, None)
+                 for kind in ("tls-alpn-01", "http-01")]
+        await store.run_op(st.op_create_order(order, [dataclasses.replace(authz,
+                                                                           challenges=chals)]))
+        authz = dataclasses.replace(authz, challenges=chals[::-1])
+
+        async def read(op: st.AccountRead) -> object:
+            return await reader.read(op, one_statement=True)
+
+        assert await read(st.op_account_and_order("acme", acct.id, order.id)) == (acct, order)
+        assert await read(st.op_account_and_order_with_certificate("acme", acct.id, order.id)
+                          ) == (acct, (order, None)), "an order without a certificate has none"
+        assert await read(st.op_account_and_authz("acme", acct.id, authz.id)) == (acct, authz)
+        assert [c.type for c in authz.challenges] == ["http-01", "tls-alpn-01"]
+        assert await read(st.op_account_and_challenge("acme", acct.id, chals[0].id)
+                          ) == (acct, (chals[0], authz)), "the challenge and all its siblings"
+        # Another account sees its own record and the object (ownership is the caller's check).
+        assert await read(st.op_account_and_order("acme", other.id, order.id)) == (other, order)
+        # A missing object: the account alone.
+        assert await read(st.op_account_and_order("acme", acct.id, "nope")) == (acct, None)
+        assert await read(st.op_account_and_authz("acme", acct.id, "nope")) == (acct, None)
+        assert await read(st.op_account_and_challenge("acme", acct.id, "nope")
+                          ) == (acct, (None, None))
+        assert await read(st.op_account_and_order_with_certificate("acme", acct.id, "nope")
+                          ) == (acct, (None, None))
+        # No such account, or one of another provisioner: nothing, not even the object.
+        assert await read(st.op_account_and_order("acme", "nope", order.id)) == (None, None)
+        assert await read(st.op_account_and_order("other", acct.id, order.id)) == (None, None)
+        assert await read(st.op_account_and_authz("other", acct.id, authz.id)) == (None, None)
+        assert await read(st.op_account_and_challenge("other", acct.id, chals[0].id)
+                          ) == (None, (None, None))
+        # The store's reader thread (the fallback) reads the same through SQLAlchemy.
+        assert await store.run_read(st.op_account_and_authz("acme", acct.id, authz.id)
+                                    ) == (acct, authz)
     finally:
         reader.close()
         await store.close()
@@ -94,6 +143,11 @@ async def test_a_read_sqlite_refuses_on_the_event_loop_goes_to_the_store(tmp_pat
         assert handed == [busy_here]
         assert await reader.read(find) == acct, "the loop's connection was left unusable"
         assert handed == [busy_here]
+        # A one-statement read runs outside BEGIN; busy, it goes to the reader thread as well.
+        assert await reader.read(busy_here, one_statement=True) == acct
+        assert handed == [busy_here, busy_here]
+        assert await reader.read(find, one_statement=True) == acct
+        assert handed == [busy_here, busy_here]
     finally:
         reader.close()
         await store.close()
