@@ -10,6 +10,7 @@ share one fsync, and the database write lock is held only for the length of that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -250,6 +251,7 @@ class SqliteStore:
         event.listen(self._engine, "begin", self._on_begin)
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._writer_conn: Connection | None = None
         self._closed = False
         self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # Reads need neither the write lock nor an fsync: under WAL they see the last commit.
@@ -301,7 +303,10 @@ class SqliteStore:
 
     @staticmethod
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # The writer opens its batch transactions on the driver (_run_in_one_transaction); an op
+        # that goes through SQLAlchemy inside one joins it instead of beginning another.
+        if not _driver(conn).in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def _migrate(self) -> None:
         with self._engine.begin() as conn:
@@ -326,6 +331,17 @@ class SqliteStore:
 
     # -- the writer thread -------------------------------------------------------------------
     def _run(self) -> None:
+        # One SQLAlchemy connection for the writer's whole life: checking one out, beginning and
+        # committing through SQLAlchemy cost ~170 us of CPU per transaction, more than the
+        # statements of a typical batch (measured: 264 us vs 94 us for a one-row insert).
+        with self._engine.connect() as conn:
+            self._writer_conn = conn
+            try:
+                self._serve_queue()
+            finally:
+                self._writer_conn = None
+
+    def _serve_queue(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
@@ -372,9 +388,13 @@ class SqliteStore:
         results: list[tuple[Any, BaseException | None]] = []
         # Writers of several worker processes queue on a flock, which wakes the next one the
         # moment it is released; SQLite's own busy handler would sleep 1..100 ms instead.
+        conn = self._writer_conn
+        assert conn is not None
+        db = _driver(conn)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            with self._engine.begin() as conn:
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 for op in batch:
                     try:
                         results.append((op.fn(conn), None))
@@ -382,6 +402,15 @@ class SqliteStore:
                         results.append((None, e))
                     except Exception as e:
                         raise _UnexpectedOpFailure() from e
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+            finally:
+                if conn.in_transaction():  # an op went through SQLAlchemy: close its view
+                    conn.rollback()  # the driver has no transaction left: nothing is undone
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         return results
