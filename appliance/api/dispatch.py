@@ -29,6 +29,7 @@ log = structlog.get_logger("appliance.dispatch")
 
 ACCEPT_BATCH = 64  # connections accepted per wakeup before the loop looks at other work
 HANDSHAKE_TIMEOUT = 30.0
+ACCEPT_RETRY_SECONDS = 1.0  # after accept() failed for want of descriptors or memory
 
 
 def bind_listeners(host: str, port: int) -> list[socket.socket]:
@@ -131,8 +132,14 @@ class Listeners:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE, ENOBUFS, ECONNABORTED: log, keep serving
-                log.warning("accept_failed", reason=e.strerror)
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued: take the next one
+            except OSError as e:
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the socket stays readable, so retrying at
+                # once would spin; leave the connections queued and look again in a while.
+                log.warning("accept_failed", reason=e.strerror, retry_in_s=ACCEPT_RETRY_SECONDS)
+                self.pause()
+                asyncio.get_running_loop().call_later(ACCEPT_RETRY_SECONDS, self.resume)
                 return
             with conn:
                 self._hand_over(conn, targets)

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import resource
 import signal
 import ssl
 import stat
@@ -344,6 +345,35 @@ async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaSer
         before, after, ready)
     # Once it is ready, the replacement takes its turn again.
     await test_connections_are_spread_evenly_over_the_workers(ca)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_descriptors_the_supervisor_waits_instead_of_spinning(ca: CaServer) -> None:
+    """accept() failing with EMFILE leaves the socket readable: retrying at once would spin."""
+    assert ca.process is not None
+    pid = ca.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    since = ca.log_size()
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)  # the number accept() would get
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
+    try:
+        waiting = asyncio.create_task(health_on_new_connections(ca, 1))
+        await asyncio.to_thread(ca.wait_for_event, "accept_failed", since)
+        before = cpu_seconds(pid)
+        await asyncio.sleep(2)
+        spent = cpu_seconds(pid) - before
+        assert spent < 0.5, f"the supervisor used {spent:.2f} s of CPU in 2 s while out of fds"
+        assert not waiting.done(), "a connection was served although accept() kept failing"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    # Descriptors again: the queued connection is served, nothing was dropped.
+    lines = await asyncio.wait_for(waiting, 15)
+    assert lines[0].startswith(b"HTTP/1.1 200 "), lines
 
 
 # -- the CA keys stay in the token ----------------------------------------------------------------
