@@ -197,12 +197,14 @@ class HandedOverSite(BaseSite):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(self._channel, 16, 16)
+                _, fds, flags, _ = socket.recv_fds(self._channel, 16, 16)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 log.warning("handover_receive_failed", reason=e.strerror)
                 return
+            if flags & socket.MSG_CTRUNC:  # out of descriptors: the kernel closed some
+                log.warning("handover_truncated", reason="out of file descriptors")
             if not fds:
                 return
             for fd in fds:
