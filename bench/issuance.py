@@ -41,6 +41,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -935,6 +936,27 @@ def count_issued(db_path: Path) -> dict[str, int]:
     return {str(status): int(n) for status, n in rows}
 
 
+def meets_target(r: LevelResult) -> bool:
+    return r.rate >= TARGET_RATE and r.p99_ms < TARGET_P99_MS and r.errors == 0
+
+
+def target_verdict(runs: list[LevelResult]) -> str:
+    """The concurrency-32 target, judged on one run, or on the median of repeated runs."""
+    what = (f"target (>= {TARGET_RATE:,.0f} certificates/s at concurrency 32, p99 < "
+            f"{TARGET_P99_MS:.0f} ms)")
+    rate = statistics.median(r.rate for r in runs)
+    p99 = statistics.median(r.p99_ms for r in runs)
+    met = rate >= TARGET_RATE and p99 < TARGET_P99_MS and not any(r.errors for r in runs)
+    later = "met" if rate >= LATER_TARGET_RATE else "not met"
+    if len(runs) == 1:
+        measured = f"({rate:,.0f}/s, p99 {p99:.1f} ms)"
+    else:
+        measured = (f"(median of {len(runs)} runs: {rate:,.0f}/s, p99 {p99:.1f} ms; "
+                    f"{sum(meets_target(r) for r in runs)} of {len(runs)} runs meet it alone)")
+    return (f"{what}: {'MET' if met else 'NOT MET'} {measured}; later target "
+            f"{LATER_TARGET_RATE:,.0f}/s: {later}")
+
+
 def print_table(levels: list[LevelResult], raw: RawRates, client: str) -> None:
     say("\n(b) POST /1.0/sign over HTTPS keep-alive; (b)/(a) = certificates/s / raw 1-process "
         f"signatures/s ({raw.on_thread_1:,.0f}/s)")
@@ -980,6 +1002,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=("wrk", "python"), default=None,
                    help="load generator: wrk (default when installed; C, so the server gets "
                         "the machine) or python (aiohttp in 1-2 processes)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of the last concurrency level (default 1); with more, the target "
+                        "is judged on their median rate and p99 (the machine is noisy)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary CA directory (it holds the PIN files!)")
@@ -994,6 +1019,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--duration must be between 1 and {TOKEN_LIFETIME // 2} seconds")
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if not 1 <= args.repeat <= 20:
+        p.error("--repeat must be between 1 and 20")
     if args.client is None:
         args.client = "wrk" if shutil.which("wrk") else "python"
     elif args.client == "wrk" and not shutil.which("wrk"):
@@ -1033,7 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
 
         profiler = Profiler(workdir, args.profile, args.native) if args.profile > 0 else None
         levels: list[LevelResult] = []
-        for i, c in enumerate(args.levels):
+        runs = list(args.levels) + [args.levels[-1]] * (args.repeat - 1)
+        for i, c in enumerate(runs):
             if args.client == "wrk":
                 procs = min(c, os.cpu_count() or 1, 2)
                 say(f"\nconcurrency {c}: wrk, {procs} thread(s) x {split(c, procs)} connections, "
@@ -1043,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"\nconcurrency {c}: {procs} load process(es) x {split(c, procs)} "
                     f"connections, {args.duration:g} s "
                     f"(load average {os.getloadavg()[0]:.2f}) ...")
-            last = i == len(args.levels) - 1
+            last = i == len(runs) - 1
             level = run_level_wrk if args.client == "wrk" else run_level
             r = level(ca, server, c, args.duration, args.max_rate, args.warmup,
                       profiler if last else None)
@@ -1074,14 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
             + (" -> OK, every certificate recorded" if recorded else " -> MISMATCH"))
         ok &= recorded
 
-        top = max(levels, key=lambda r: r.concurrency)
-        if top.concurrency == 32:
-            met = top.rate >= TARGET_RATE and top.p99_ms < TARGET_P99_MS and top.errors == 0
-            later = "met" if top.rate >= LATER_TARGET_RATE else "not met"
-            say(f"target (>= {TARGET_RATE:,.0f} certificates/s at concurrency 32, p99 < "
-                f"{TARGET_P99_MS:.0f} ms): {'MET' if met else 'NOT MET'} "
-                f"({top.rate:,.0f}/s, p99 {top.p99_ms:.1f} ms); later target "
-                f"{LATER_TARGET_RATE:,.0f}/s: {later}")
+        tops = [r for r in levels if r.concurrency == 32]
+        if tops:
+            say(target_verdict(tops))
         if profiler:
             say(f"\npy-spy on the server workers during concurrency {levels[-1].concurrency}:")
             say(profiler.summary())
