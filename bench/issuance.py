@@ -100,11 +100,16 @@ def proc_cpu_seconds(pid: int) -> float:
     return proc_cpu_seconds_path(Path(f"/proc/{pid}/stat"))
 
 
-def system_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+def system_busy_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine (all cores), from /proc/stat.
+
+    Stolen time is when this virtual machine wanted a CPU and the hypervisor ran another guest:
+    the host's contention, which slows everything measured here by as much.
+    """
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLK_TCK
+    steal = values[7] if len(values) > 7 else 0
+    return (sum(values[:7]) - idle) / CLK_TCK, steal / CLK_TCK
 
 
 def child_pids(pid: int) -> list[int]:
@@ -649,6 +654,7 @@ class LevelResult:
     loadgen_cores: float
     other_cores: float
     exhausted: bool
+    stolen_cores: float = 0.0  # taken by the hypervisor for other guests (host contention)
     error_samples: dict[str, int] = field(default_factory=dict)
     server_us_per_cert: dict[str, float] = field(default_factory=dict)  # CPU by thread role
     # Requests in flight when the load generator stopped (wrk does not wait for them): the
@@ -684,7 +690,8 @@ def run_level(ca: Ca, server: Server, concurrency: int, duration: float, max_rat
         barrier.wait(timeout=300)  # tokens minted, connections warm
         server.label_threads()  # after the warm-up, so that lazily started threads exist
         barrier.wait(timeout=120)  # go
-    busy0, server0, threads0 = system_busy_seconds(), server.cpu_seconds(), server.thread_cpu()
+    (busy0, steal0), server0 = system_busy_seconds(), server.cpu_seconds()
+    threads0 = server.thread_cpu()
     wall0 = time.perf_counter()
     spy = profile.start(server, duration, concurrency) if profile else None
     try:
@@ -692,7 +699,8 @@ def run_level(ca: Ca, server: Server, concurrency: int, duration: float, max_rat
     except queue.Empty:
         raise SystemExit("a load generator process died without reporting") from None
     wall = time.perf_counter() - wall0
-    busy, server_cpu = system_busy_seconds() - busy0, server.cpu_seconds() - server0
+    (busy1, steal1), server_cpu = system_busy_seconds(), server.cpu_seconds() - server0
+    busy = busy1 - busy0
     threads1 = server.thread_cpu()
     for c in children:
         c.join(30)
@@ -718,6 +726,7 @@ def run_level(ca: Ca, server: Server, concurrency: int, duration: float, max_rat
         errors=sum(errors.values()), ok_total=sum(sum(o["ok"].values()) for o in outs),
         elapsed=elapsed, server_cores=server_cpu / wall, loadgen_cores=loadgen_cpu / elapsed,
         other_cores=max(0.0, (busy - server_cpu) / wall - loadgen_cpu / elapsed),
+        stolen_cores=(steal1 - steal0) / wall,
         exhausted=any(o["exhausted"] for o in outs), error_samples=dict(errors.most_common(10)),
         server_us_per_cert=per_cert)
 
@@ -817,7 +826,8 @@ def run_level_wrk(ca: Ca, server: Server, concurrency: int, duration: float, max
         raise SystemExit(f"wrk failed: {warm.stderr or warm.stdout}")
     warm_result = json.loads(warm_result_path.read_text())
     server.label_threads()
-    busy0, server0, threads0 = system_busy_seconds(), server.cpu_seconds(), server.thread_cpu()
+    (busy0, steal0), server0 = system_busy_seconds(), server.cpu_seconds()
+    threads0 = server.thread_cpu()
     wall0 = time.perf_counter()
     proc = subprocess.Popen([*argv, "-d", f"{duration:g}s", url],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -827,7 +837,8 @@ def run_level_wrk(ca: Ca, server: Server, concurrency: int, duration: float, max
     stdout = proc.stdout.read().decode() if proc.stdout else ""
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     wall = time.perf_counter() - wall0
-    busy, server_cpu = system_busy_seconds() - busy0, server.cpu_seconds() - server0
+    (busy1, steal1), server_cpu = system_busy_seconds(), server.cpu_seconds() - server0
+    busy = busy1 - busy0
     threads1 = server.thread_cpu()
     if profile and spy:
         profile.finish(spy)
@@ -853,6 +864,7 @@ def run_level_wrk(ca: Ca, server: Server, concurrency: int, duration: float, max
         ok_total=r["created"] + warm_result["created"], elapsed=elapsed,
         server_cores=server_cpu / wall, loadgen_cores=loadgen_cpu / elapsed,
         other_cores=max(0.0, (busy - server_cpu) / wall - loadgen_cpu / elapsed),
+        stolen_cores=(steal1 - steal0) / wall,
         exhausted=r["exhausted"] > 0, error_samples=dict(errors.most_common(10)),
         server_us_per_cert=per_cert, abandoned_max=2 * concurrency)  # warm-up and timed run
 
@@ -961,7 +973,8 @@ def print_table(levels: list[LevelResult], raw: RawRates, client: str) -> None:
     say("\n(b) POST /1.0/sign over HTTPS keep-alive; (b)/(a) = certificates/s / raw 1-process "
         f"signatures/s ({raw.on_thread_1:,.0f}/s)")
     header = (f"{'conc':>5} {'load':>9} {'certs':>7} {'certs/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'max ms':>7} {'errors':>6} {'(b)/(a)':>8}   cores: server / loadgen / other")
+              f"{'max ms':>7} {'errors':>6} {'(b)/(a)':>8}   "
+              "cores: server / loadgen / other / stolen")
     say(header)
     say("-" * len(header))
     for r in levels:
@@ -970,6 +983,7 @@ def print_table(levels: list[LevelResult], raw: RawRates, client: str) -> None:
         say(f"{r.concurrency:>5} {load:>9} {r.requests:>7} {r.rate:>9,.0f} {r.p50_ms:>7.1f} "
             f"{r.p99_ms:>7.1f} {r.max_ms:>7.1f} {r.errors:>6} {r.rate / raw.on_thread_1:>8.3f}"
             f"   {r.server_cores:.2f} / {r.loadgen_cores:.2f} / {r.other_cores:.2f}"
+            f" / {r.stolen_cores:.2f}"
             + ("   TOKENS RAN OUT: raise --max-rate" if r.exhausted else ""))
     if client == "wrk":
         say("load: 'TxC' = wrk threads x connections each (wrk, in C, shares the "
@@ -979,7 +993,9 @@ def print_table(levels: list[LevelResult], raw: RawRates, client: str) -> None:
             f"from concurrency {SPLIT_FROM} on, because the load generator shares the "
             f"{os.cpu_count()}-core machine with the server).")
     say("cores: CPU used during the timed window by the server (supervisor + workers), by the "
-        "load generator, and by everything else on the machine (noise).")
+        "load generator, and by everything else on the machine (noise); stolen: CPU the "
+        "hypervisor gave other guests while this machine wanted it (the host's contention, "
+        "which slows every figure here).")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
