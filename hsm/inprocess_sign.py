@@ -11,9 +11,9 @@ with the GIL held through the call it keeps ~10,000/s and the other thread just 
 So, for an in-process software token, the key store signs through this: the module's own
 C_SignInit/C_Sign entry points, called with ctypes' PyDLL convention (the GIL stays held), on the
 session and key handles python-pkcs11 opened. It is used on the PKCS#11 thread only, like every
-other call into the module. A mechanism with parameters, a result larger than the buffer or any
-other error return falls back to python-pkcs11, which repeats the operation and raises its typed
-error.
+other call into the module. A mechanism with parameters, or any error return, falls back to
+python-pkcs11, which repeats the operation and raises its typed error (a signature larger than
+the buffer is finished here with a bigger one, as the operation is still active then).
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ class HandedOverSite(BaseSite):
             else:
                 await asyncio.get_running_loop().connect_accepted_socket(
                     server, sock, ssl=self._ssl_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
+        except (OSError, EOFError) as e:  # ssl.SSLError and TimeoutError are OSErrors
             # A client that goes away or fails the handshake: not the server's fault.
             log.debug("handshake_failed", reason=str(e)[:200])
             sock.close()

@@ -545,31 +545,32 @@ def op_get_challenge(challenge_id: str) -> Any:
 # (the account LEFT JOINed with the object) it is one consistent snapshot by itself: no
 # BEGIN/ROLLBACK around it, and one trip into SQLite instead of four or five, each of which lets
 # go of the GIL and may have to wait to get it back from the writer or the PKCS#11 thread.
+# The _NA columns of an account, then those of the object a request names.
+_SELECT_JOINED_ACCOUNT = ("SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, "
+                          "a.contact, a.eab_kid, a.created_at, ")
+_JOINED_ORDER_COLUMNS = ("o.id, o.provisioner, o.account_id, o.status, o.expires, "
+                         "o.identifiers, o.not_before, o.not_after, o.authz_ids, o.error, "
+                         "o.cert_serial, o.replaces")
 _SQL_ACCOUNT_ORDER = (
-    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
-    "a.created_at, o.id, o.provisioner, o.account_id, o.status, o.expires, o.identifiers, "
-    "o.not_before, o.not_after, o.authz_ids, o.error, o.cert_serial, o.replaces "
+    _SELECT_JOINED_ACCOUNT + _JOINED_ORDER_COLUMNS + " "
     "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
     "WHERE a.id = ? AND a.provisioner = ?")
 # The certificates table is the store's; cert_serial is its key (lowercase hex).
 _SQL_ACCOUNT_ORDER_DER = (
-    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
-    "a.created_at, o.id, o.provisioner, o.account_id, o.status, o.expires, o.identifiers, "
-    "o.not_before, o.not_after, o.authz_ids, o.error, o.cert_serial, o.replaces, k.der "
+    _SELECT_JOINED_ACCOUNT + _JOINED_ORDER_COLUMNS + ", k.der "
     "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
     "LEFT JOIN certificates k ON k.serial = o.cert_serial "
     "WHERE a.id = ? AND a.provisioner = ?")
 _SQL_ACCOUNT_AUTHZ = (
-    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
-    "a.created_at, z.id, z.order_id, z.account_id, z.identifier_type, z.identifier_value, "
-    "z.wildcard, z.status, z.expires, c.id, c.authz_id, c.type, c.token, c.status, "
-    "c.validated, c.error "
+    _SELECT_JOINED_ACCOUNT + "z.id, z.order_id, z.account_id, z.identifier_type, "
+    "z.identifier_value, z.wildcard, z.status, z.expires, c.id, c.authz_id, c.type, c.token, "
+    "c.status, c.validated, c.error "
     "FROM acme_accounts a LEFT JOIN acme_authzs z ON z.id = ? "
     "LEFT JOIN acme_challenges c ON c.authz_id = z.id "
     "WHERE a.id = ? AND a.provisioner = ? ORDER BY c.type")
 _SQL_ACCOUNT_CHALLENGE = (
-    "SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, a.contact, a.eab_kid, "
-    "a.created_at, t.id, t.authz_id, t.type, t.token, t.status, t.validated, t.error, "
+    _SELECT_JOINED_ACCOUNT + "t.id, t.authz_id, t.type, t.token, t.status, t.validated, "
+    "t.error, "
     "z.id, z.order_id, z.account_id, z.identifier_type, z.identifier_value, z.wildcard, "
     "z.status, z.expires, c.id, c.authz_id, c.type, c.token, c.status, c.validated, c.error "
     "FROM acme_accounts a LEFT JOIN acme_challenges t ON t.id = ? "

@@ -109,3 +109,43 @@ async def test_partial_write_in_a_batch_is_rolled_back_alone(tmp_path: Path) -> 
     # The colliding op's token id was rolled back with it, so the token is still usable.
     await store.reserve(intent(43, "jti-collides"))
     await store.close()
+
+
+
+@pytest.mark.parametrize("path", ["driver", "sqlalchemy"])
+async def test_a_failing_op_is_undone_alone_whichever_way_its_batch_wrote(
+        tmp_path: Path, path: str) -> None:
+    """The writer begins and commits on the sqlite3 driver; ops may also write through
+    SQLAlchemy inside that transaction. An op that fails after writing is rolled back with its
+    batch, and its neighbours are replayed and committed."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import Connection
+
+    store = SqliteStore.open(tmp_path / "a.db")
+    await store.run_op(lambda conn: conn.exec_driver_sql("CREATE TABLE t (v TEXT)"))
+
+    def insert(conn: Connection, value: str) -> None:
+        if path == "driver":
+            conn.connection.driver_connection.execute(  # type: ignore[union-attr]
+                "INSERT INTO t VALUES (?)", (value,))
+        else:
+            conn.execute(text("INSERT INTO t VALUES (:v)"), {"v": value})
+
+    def writes_then_fails(conn: Connection) -> None:
+        insert(conn, "from the failing op")
+        raise RuntimeError("a fault after a write")
+
+    values = [f"neighbour {i}" for i in range(40)]
+    results = await asyncio.gather(
+        *(store.run_op(lambda conn, v=v: insert(conn, v)) for v in values),
+        store.run_op(writes_then_fails), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 1 and isinstance(failures[0], StorageError), failures
+    rows = await store.run_read(
+        lambda conn: sorted(v for (v,) in conn.exec_driver_sql("SELECT v FROM t")))
+    assert rows == sorted(values)
+    # The writer's connection is left with no transaction open: the next batch commits.
+    await store.run_op(lambda conn: insert(conn, "after"))
+    await store.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        assert db.execute("SELECT count(*) FROM t").fetchone() == (41,)
