@@ -19,11 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwcrypto.common import JWException
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
@@ -31,6 +27,7 @@ from jwcrypto.jws import JWS
 from appliance import strict_json
 from appliance.acme.problems import AcmeProblem
 from appliance.authority.csr import MAX_RSA_BITS, MIN_RSA_BITS
+from appliance.jws_signature import signature_is_valid
 
 # ES256 is mandatory and EdDSA recommended (§6.2); PS256 costs nothing more than RS256 here.
 SUPPORTED_ALGS: tuple[str, ...] = ("RS256", "ES256", "ES384", "EdDSA", "PS256")
@@ -253,7 +250,7 @@ def verify(message: JwsMessage, jwk: dict[str, Any]) -> None:
     if length_problem:
         _malformed(f"JWS signature is invalid: {length_problem}")
     signing_input = f"{message._protected_b64}.{message._payload_b64}".encode("ascii")
-    if not _verify_with(verifier, message.alg, signature, signing_input):
+    if not signature_is_valid(verifier, message.alg, signature, signing_input):
         _malformed("JWS signature is invalid")
 
 
@@ -281,30 +278,6 @@ def _checked_key(jwk: dict[str, Any], alg: str) -> tuple[JWK, Any]:
         while len(_KEY_CACHE) > _KEY_CACHE_SIZE:
             _KEY_CACHE.popitem(last=False)
     return entry
-
-
-def _verify_with(public: Any, alg: str, signature: bytes, signing_input: bytes) -> bool:
-    """RFC 7518 signature check over the exact base64url bytes the client sent."""
-    try:
-        if alg in ("ES256", "ES384"):
-            half = len(signature) // 2
-            der = encode_dss_signature(int.from_bytes(signature[:half], "big"),
-                                       int.from_bytes(signature[half:], "big"))
-            digest = hashes.SHA256() if alg == "ES256" else hashes.SHA384()
-            public.verify(der, signing_input, ec.ECDSA(digest))
-        elif alg == "RS256":
-            public.verify(signature, signing_input, asym_padding.PKCS1v15(), hashes.SHA256())
-        elif alg == "PS256":
-            public.verify(signature, signing_input,
-                          asym_padding.PSS(asym_padding.MGF1(hashes.SHA256()), 32),
-                          hashes.SHA256())
-        elif alg == "EdDSA":
-            public.verify(signature, signing_input)
-        else:
-            return False
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 def algs_for_key(jwk: Mapping[str, Any]) -> tuple[str, ...]:

@@ -18,17 +18,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from appliance import strict_json
 from appliance.errors import Unauthorized
+from appliance.jws_signature import signature_is_valid
 
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # alg none: no signature
-_EC_HASH = {"ES256": (hashes.SHA256, 32), "ES384": (hashes.SHA384, 48)}
+TOKEN_ALGS = frozenset({"ES256", "ES384", "RS256", "EdDSA"})  # the algs a provisioner key has
 MALFORMED = "token is malformed: expected a signed JWT"
 
 
@@ -82,10 +79,9 @@ def verify(token: CompactJws, key: PublicKeyTypes, alg: str) -> dict[str, Any]:
     """
     if token.alg != alg:
         raise Unauthorized(f"token algorithm does not match the provisioner key ({alg})")
-    try:
-        _check_signature(key, alg, token.signature, token.signing_input)
-    except (InvalidSignature, ValueError, TypeError):
-        raise Unauthorized("token signature is invalid") from None
+    if alg not in TOKEN_ALGS or not signature_is_valid(key, alg, token.signature,
+                                                       token.signing_input):
+        raise Unauthorized("token signature is invalid")
     try:
         claims = strict_json.loads(token.untrusted_payload.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -93,22 +89,6 @@ def verify(token: CompactJws, key: PublicKeyTypes, alg: str) -> dict[str, Any]:
     if not isinstance(claims, dict):
         raise Unauthorized("token is invalid: its payload is not a JSON object")
     return claims
-
-
-def _check_signature(key: PublicKeyTypes, alg: str, signature: bytes, data: bytes) -> None:
-    if alg in _EC_HASH:
-        hash_class, half = _EC_HASH[alg]
-        if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 2 * half:
-            raise InvalidSignature()
-        der = encode_dss_signature(int.from_bytes(signature[:half], "big"),
-                                   int.from_bytes(signature[half:], "big"))
-        key.verify(der, data, ec.ECDSA(hash_class()))
-    elif alg == "RS256" and isinstance(key, rsa.RSAPublicKey):
-        key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-    elif alg == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey):
-        key.verify(signature, data)
-    else:
-        raise InvalidSignature()
 
 
 def claim_time(claims: dict[str, Any], name: str) -> int:
