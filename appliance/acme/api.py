@@ -36,6 +36,7 @@ from appliance.acme.challenges import (
 )
 from appliance.acme.nonces import NonceIssuer
 from appliance.acme.problems import AcmeProblem, from_appliance_error
+from appliance.api.app import STATE
 from appliance.authority.authority import Authority
 from appliance.authority.csr import check_csr
 from appliance.authority.lifecycle import RevokeRequest
@@ -216,6 +217,17 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if refusal is not None:
             response = _problem_response(refusal)
             request["error"] = refusal.detail
+    await add_acme_headers(state, request, response)
+    return response
+
+
+async def add_acme_headers(state: AcmeState, request: web.Request,
+                           response: web.StreamResponse) -> None:
+    """What every ACME response carries: a fresh Replay-Nonce, no-store, Link rel="index".
+
+    Also called for the answers given before the ACME app runs (the edge's 429s), so that a
+    client told to slow down has the nonce for its next try (RFC 8555 section 6.5).
+    """
     try:
         response.headers["Replay-Nonce"] = await _nonce(state)
     except ApplianceError:
@@ -226,7 +238,6 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
         prefix = "/2.0" if request.path.startswith("/2.0/") else ""
         response.headers.add("Link", f'<https://{request.host}{prefix}/acme/{name}/directory>'
                                      ';rel="index"')
-    return response
 
 
 # -- authentication of a POST -------------------------------------------------------------------
@@ -954,6 +965,7 @@ def mount_acme(parent: web.Application, state: AcmeState, max_body: int) -> None
         app[ACME] = state
         _add_routes(app)
         parent.add_subapp(prefix, app)
+    parent[STATE].acme_headers = functools.partial(add_acme_headers, state)
 
     async def close_state(_app: web.Application) -> None:
         await state.close()

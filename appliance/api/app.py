@@ -46,6 +46,8 @@ class ApiState:
     issuance_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
     failed_auth_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
     request_timeout: float = 30.0
+    # Set by the ACME app when mounted: adds its headers (Replay-Nonce...) to the edge's 429s.
+    acme_headers: Callable[[web.Request, web.StreamResponse], Awaitable[None]] | None = None
 
     def apply_limits(self, config: CaConfig) -> None:
         """(Re)build the rate limits and time limit from ca.json."""
@@ -85,13 +87,16 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def _too_many(request: web.Request, wait: float, what: str) -> web.Response:
+async def _too_many(request: web.Request, state: ApiState, wait: float, what: str
+                    ) -> web.Response:
     seconds = max(int(wait + 0.999), 1)
     message = f"too many {what} from {request.remote}; retry in {seconds} s"
     if "/acme/" in request.path:
         response = web.json_response(
             {"type": "urn:ietf:params:acme:error:rateLimited", "detail": message, "status": 429},
             status=429, content_type="application/problem+json")
+        if state.acme_headers is not None:
+            await state.acme_headers(request, response)
     else:
         response = error_body(429, message)
     response.headers["Retry-After"] = str(seconds)
@@ -105,11 +110,11 @@ async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse
     client = request.remote or "unknown"
     wait = state.failed_auth_limit.retry_after(client)
     if wait:
-        return _too_many(request, wait, "failed authentications")
+        return await _too_many(request, state, wait, "failed authentications")
     if request.method == "POST" and request.path.endswith(ISSUING_PATHS):
         wait = state.issuance_limit.take(client)
         if wait:
-            return _too_many(request, wait, "issuance requests")
+            return await _too_many(request, state, wait, "issuance requests")
     try:
         async with asyncio.timeout(state.request_timeout):
             response = await _handle(request, handler)

@@ -340,6 +340,39 @@ async def test_directory_and_new_nonce(acme: AcmeClient) -> None:
             "/acme/acme/", "/2.0/acme/acme/")
 
 
+async def test_a_rate_limited_request_gets_a_nonce_for_its_retry(acme_ca: AcmeCa) -> None:
+    """The edge's 429 comes before the ACME app runs; it still carries a usable nonce."""
+    original = acme_ca.config_path.read_text()
+    config = json.loads(original)
+    config["rateLimits"] = {"issuance": {"perSecond": 1, "burst": 1}}
+    acme_ca.config_path.write_text(json.dumps(config))
+    sighup_and_wait(acme_ca)
+    try:
+        # One connection, so one worker and one rate-limit bucket.
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = AcmeClient(acme_ca, session)
+            await client.load_directory()  # every reply is checked for the ACME headers
+            account = await client.new_account()
+            names = [{"type": "dns", "value": "limited.example.test"}]
+            first = await client.as_account(account, client.dir["newOrder"],
+                                            {"identifiers": names})
+            assert first.status == 201, first
+            limited = await client.as_account(account, client.dir["newOrder"],
+                                              {"identifiers": names})
+            doc = assert_problem(limited, "rateLimited", 429)
+            assert "too many issuance requests" in doc["detail"], doc
+            wait = int(limited.headers["Retry-After"])
+            await asyncio.sleep(wait + 0.2)
+            retry = await client.as_account(account, client.dir["newOrder"],
+                                            {"identifiers": names},
+                                            nonce=limited.headers["Replay-Nonce"])
+            assert retry.status == 201, retry
+    finally:
+        acme_ca.config_path.write_text(original)
+        sighup_and_wait(acme_ca)
+
+
 async def test_account_creation_and_lookup(acme: AcmeClient) -> None:
     account = await acme.new_account()
     again = await acme.post(acme.dir["newAccount"], {"termsOfServiceAgreed": True}, account.key)
