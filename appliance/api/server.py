@@ -245,6 +245,7 @@ class Supervisor:
         self._seal = asyncio.Event()
         self._unsealed = asyncio.Event()
         self._stopping = False
+        self._serving = False  # workers answer on the port (what `unlock --status` reports)
         self._tls: tuple[bytes, bytes, datetime] | None = None
         self._restarts: list[float] = []
         self._collector: ShareCollector | None = None
@@ -451,7 +452,16 @@ class Supervisor:
                 ) -> dict[str, Any]:
         have, need = self.progress()
         sealed = self._pin is None or self.runtime is None
-        out: dict[str, Any] = {"ok": ok, "sealed": sealed, "progress": f"{have}/{need}"}
+        if self._pin is None:
+            state = "sealed"
+        elif self._serving:
+            state = "unsealed"
+        elif self._stop.is_set():
+            state = "stopping"
+        else:
+            state = "sealing" if self._seal.is_set() else "unsealing"
+        out: dict[str, Any] = {"ok": ok, "sealed": sealed, "state": state,
+                               "progress": f"{have}/{need}"}
         if error:
             out["error"] = error
         if message:
@@ -497,6 +507,7 @@ class Supervisor:
                 self._sealed_runner = None
             assert self._listeners is not None
             self._listeners.dispatch(self._channels)
+            self._serving = True
             host, port = self.config.host_port()
             log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}",
                      address=f"{host}:{port}", workers=len(self._workers), pid=os.getpid())
@@ -513,6 +524,7 @@ class Supervisor:
             notify("STATUS=draining")
             log.info("stopping" if self._stop.is_set() else "sealing_workers")
         finally:
+            self._serving = False
             if self._listeners is not None:
                 self._listeners.stop_dispatching()  # new connections wait in the backlog
             await self._shutdown()

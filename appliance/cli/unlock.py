@@ -51,7 +51,8 @@ def with_socket(f: Any) -> Any:
 @click.option("--share-file", "share_files", multiple=True, type=click.Path(path_type=Path,
               exists=True), help="A share file (repeatable); else the share is typed, unechoed.")
 @click.option("--reset", is_flag=True, help="Discard the shares handed in so far.")
-@click.option("--status", "status_only", is_flag=True, help="Only show sealed/unsealed.")
+@click.option("--status", "status_only", is_flag=True,
+              help="Only show the state: sealed, unsealing, unsealed (serving) or sealing.")
 @with_socket
 def unlock(share_files: tuple[Path, ...], reset: bool, status_only: bool,
            ca_config: Path | None, socket_path: Path | None) -> None:
@@ -59,8 +60,9 @@ def unlock(share_files: tuple[Path, ...], reset: bool, status_only: bool,
     sock = _socket(ca_config, socket_path)
     if reset or status_only:
         answer = admin_request(sock, {"op": "reset" if reset else "status"})
-        click.echo(f"{'sealed' if answer['sealed'] else 'unsealed'}, progress "
-                   f"{answer['progress']}")
+        # `state` tells "unsealing" (logging in, starting workers) from "unsealed" (serving).
+        state = answer.get("state") or ("sealed" if answer["sealed"] else "unsealed")
+        click.echo(f"{state}, progress {answer['progress']}")
         return
     failed = False
     for share in _share_texts(share_files, 1):

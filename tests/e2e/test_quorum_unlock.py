@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from e2e_support import APPLIANCTL, clean_env, free_port, write_secret
 
+from appliance.unlock.admin import admin_request
+
 pytestmark = pytest.mark.e2e
 
 
@@ -143,11 +145,27 @@ def test_quorum_ceremony(qca: QuorumCa, tmp_path: Path) -> None:
     qca.cli("unlock", "--share-file", qca.share(2))
     qca.cli("unlock", "--share-file", qca.share(4))
     assert qca.health() == (503, {"status": "sealed", "progress": "2/3"})
+    assert qca.cli("unlock", "--status").stdout.strip() == "sealed, progress 2/3"
     assert qca.sign("still-sealed.test").returncode == 1
 
-    # The third unseals; a certificate is issued.
+    # The third unseals. Until the workers serve, the state is "unsealing": never "unsealed"
+    # while /health still answers 503 (polled on the admin socket, faster than the CLI starts).
     out = qca.cli("unlock", "--share-file", qca.share(5))
     assert "quorum reached" in out.stdout
+    admin = qca.home / "run" / "admin.sock"
+    states = []
+    deadline = time.monotonic() + 60
+    while True:
+        state = admin_request(admin, {"op": "status"})["state"]
+        states.append(state)
+        if state == "unsealed":
+            assert qca.health()[0] == 200, "the status said unsealed before /health did"
+            break
+        assert state == "unsealing", states
+        assert time.monotonic() < deadline, "the workers never started serving"
+        time.sleep(0.02)
+    assert states[0] == "unsealing", states  # logging in and starting workers takes a while
+    assert qca.cli("unlock", "--status").stdout.strip() == "unsealed, progress 0/3"
     assert qca.wait_health(200) == {"status": "ok"}
     issued = qca.sign("unsealed.test")
     assert issued.returncode == 0, issued.stderr
