@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -80,6 +81,21 @@ _REQUIRED_MECHANISMS: Final[dict[str, tuple[Mechanism, Mechanism]]] = {
 }
 
 _DEFAULT_KEY_ID_BYTES: Final = 8
+# What `inspect` reports of a private key, in this order.
+_INSPECTED: Final[tuple[Attribute, ...]] = (
+    Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ALWAYS_SENSITIVE,
+    Attribute.EXTRACTABLE, Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL, Attribute.SIGN,
+    Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE,
+)
+
+
+@dataclass(frozen=True)
+class KeyInspection:
+    """A private key as the token describes it (see Pkcs11KeyStore.inspect)."""
+
+    attributes: dict[str, bool | None]  # "CKA_SENSITIVE" -> True; None: not reported
+    secret_attribute: str  # CKA_VALUE (EC, EdDSA) or CKA_PRIVATE_EXPONENT (RSA)
+    secret_refusal: str  # the token's answer when asked for it; "" if it gave it out
 
 # What check_protected requires of a private key, and what it means when the check fails.
 _PROTECTION: Final[tuple[tuple[Attribute, bool, str], ...]] = (
@@ -563,6 +579,37 @@ class Pkcs11KeyStore:
                         f"key {ref.label!r} on token {self.token_label!r} is not protected: "
                         f"{failure}"
                     )
+
+    def inspect(self, ref: KeyRef) -> KeyInspection:
+        """What the token says of the private key, for an operator to see (`applianctl kms
+        check`): its protection attributes as the token reports them, and whether the token
+        refuses to hand out the key's secret value when asked."""
+        self._check_ref(ref)
+        return self.run(self._inspect_on_thread, ref)
+
+    def _inspect_on_thread(self, ref: KeyRef) -> KeyInspection:
+        with _translated(self.token_label):
+            private = self._private_handle(ref)
+            attributes: dict[str, bool | None] = {}
+            for attribute in _INSPECTED:
+                try:
+                    value = private[attribute]
+                except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
+                    value = None
+                attributes[f"CKA_{attribute.name}"] = value if isinstance(value, bool) else None
+            secret = (Attribute.PRIVATE_EXPONENT if private.key_type == P11KeyType.RSA
+                      else Attribute.VALUE)
+            try:
+                private[secret]
+            except p11.AttributeSensitive:
+                refusal = "CKR_ATTRIBUTE_SENSITIVE"
+            except p11.AttributeTypeInvalid:
+                refusal = "CKR_ATTRIBUTE_TYPE_INVALID"
+            except p11.PKCS11Error as e:
+                refusal = type(e).__name__
+            else:
+                refusal = ""  # the token handed the secret out; it is dropped, never shown
+            return KeyInspection(attributes, f"CKA_{secret.name}", refusal)
 
     def destroy(self, ref: KeyRef) -> None:
         """Delete the key pair (private and public objects) from the token."""

@@ -61,7 +61,7 @@ EVENTS: Final = frozenset({
     "ca.init", "token.login", "token.logout", "seal", "unseal", "unseal.share",
     "provisioner.change", "policy.change", "cert.issue", "cert.renew", "cert.rekey",
     "cert.revoke", "request.refused", "crl.generate", "config.reload", "server.start",
-    "server.stop", "checkpoint",
+    "server.stop", "checkpoint", "kms.check",
 })
 CHECKPOINT_CONTEXT: Final = b"appliance-audit-checkpoint/v1"
 MAX_BATCH: Final = 1024

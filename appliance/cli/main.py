@@ -464,6 +464,7 @@ def main() -> None:
 from appliance.cli import (  # noqa: E402,F401
     acme_admin,
     audit_cmd,
+    kms,
     lifecycle,
     provisioners,
     unlock,

@@ -437,6 +437,53 @@ def test_ca_keys_are_sensitive_and_not_extractable(ca: CaServer, token_label: st
     assert key["exponent_read"] in ("AttributeSensitive", "AttributeTypeInvalid"), key
 
 
+def test_kms_check_shows_from_the_token_that_both_keys_stay_in_it(ca: CaServer) -> None:
+    out = ca.run_cli("kms", "check", "--issuer-password-file", ca.issuer_pin_file,
+                     "--root-password-file", ca.root_pin_file, home=ca.ca_home)
+    text = out.stdout
+    assert text.count("=> in the token, and it cannot leave it") == 2, text
+    for line in ("CKA_SENSITIVE          true", "CKA_EXTRACTABLE        false",
+                 "CKA_NEVER_EXTRACTABLE  true", "CKA_LOCAL              true",
+                 "read CKA_VALUE         refused  CKR_ATTRIBUTE_SENSITIVE", "test signature"
+                 "         verifies"):
+        assert text.count(line) == 2, (line, text)
+    assert ca.issuer_pin not in text + out.stderr and ca.root_pin not in text + out.stderr
+    doc = json.loads(ca.run_cli("kms", "check", "--json", "--issuer-password-file",
+                                ca.issuer_pin_file, home=ca.ca_home).stdout)
+    assert doc["ok"] is True and [k["role"] for k in doc["keys"]] == ["issuer"], doc
+    checks = {c["name"]: c["value"] for c in doc["keys"][0]["checks"]}
+    assert checks["certificate"] == "matches" and checks["CKA_ALWAYS_SENSITIVE"] == "true"
+    records = [json.loads(line) for line in
+               (ca.ca_home / "audit" / "audit.jsonl").read_text().splitlines()]
+    checked = [r for r in records if r["event"] == "kms.check"]
+    assert checked and checked[-1]["outcome"] == "success", checked
+
+
+def test_kms_check_fails_on_a_certificate_that_is_not_the_keys(ca: CaServer,
+                                                                tmp_path: Path) -> None:
+    config = json.loads(ca.config_path.read_text())
+    config["crt"] = str(ca.root_path)  # the issuer key against the root's certificate
+    wrong = ca.config_path.with_name("ca-wrong-crt.json")
+    wrong.write_text(json.dumps(config))
+    try:
+        out = ca.run_cli("kms", "check", wrong, "--issuer-password-file", ca.issuer_pin_file,
+                         home=ca.ca_home, check=False)
+    finally:
+        wrong.unlink()
+    assert out.returncode == 1, out.stdout
+    assert f"error: issuer key: its public key is not the one in {ca.root_path}" in out.stderr
+    assert "certificate            DIFFERS" in out.stdout
+
+    bad_pin = tmp_path / "bad-pin"
+    bad_pin.write_text("not-the-pin-1234\n")
+    bad_pin.chmod(0o600)  # like serve, kms check refuses a PIN file others can read
+    out = ca.run_cli("kms", "check", "--issuer-password-file", bad_pin, home=ca.ca_home,
+                     check=False)
+    assert out.returncode == 1 and out.stdout == "", out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "not-the-pin-1234" not in out.stderr and "PIN" in out.stderr, out.stderr
+
+
 def test_failed_certificate_write_leaves_no_stray_key(client: CaServer) -> None:
     """A CRT path that cannot be written: one error line naming it, and no orphaned key file."""
     crt = client.work / "no-such-dir" / "stray.crt"

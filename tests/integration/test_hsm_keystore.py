@@ -359,6 +359,58 @@ def test_check_protected_names_the_failing_attribute(keystore: Pkcs11KeyStore) -
         keystore.destroy(ref)
 
 
+def test_inspect_reports_what_the_token_says_of_the_key(
+    keystore: Pkcs11KeyStore, token_key: TokenKey
+) -> None:
+    report = keystore.inspect(token_key.ref)
+    assert report.attributes == {
+        "CKA_TOKEN": True, "CKA_PRIVATE": True, "CKA_SENSITIVE": True,
+        "CKA_ALWAYS_SENSITIVE": True, "CKA_EXTRACTABLE": False, "CKA_NEVER_EXTRACTABLE": True,
+        "CKA_LOCAL": True, "CKA_SIGN": True, "CKA_DECRYPT": False, "CKA_UNWRAP": False,
+        "CKA_DERIVE": False}
+    rsa_key = token_key.spec.kty == "RSA"
+    assert report.secret_attribute == ("CKA_PRIVATE_EXPONENT" if rsa_key else "CKA_VALUE")
+    assert report.secret_refusal == "CKR_ATTRIBUTE_SENSITIVE"
+
+
+def test_inspect_shows_a_key_that_was_imported_and_can_be_read(
+    keystore: Pkcs11KeyStore,
+) -> None:
+    """A key made outside the token (imported) and left readable: inspect must say so."""
+    label = f"imported {secrets.token_hex(4)}"
+    key_id = secrets.token_bytes(8)
+    outside = ec.generate_private_key(ec.SECP256R1())
+    point = outside.public_key().public_bytes(serialization.Encoding.X962,
+                                              serialization.PublicFormat.UncompressedPoint)
+    params = bytes.fromhex("06082a8648ce3d030107")
+
+    def import_key(session: pkcs11.Session) -> None:
+        session.create_object({
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: P11KeyType.EC,
+            Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: False,
+            Attribute.EXTRACTABLE: True, Attribute.SIGN: True, Attribute.LABEL: label,
+            Attribute.ID: key_id, Attribute.EC_PARAMS: params,
+            Attribute.VALUE: outside.private_numbers().private_value.to_bytes(32, "big")})
+        session.create_object({
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: P11KeyType.EC,
+            Attribute.TOKEN: True, Attribute.VERIFY: True, Attribute.LABEL: label,
+            Attribute.ID: key_id, Attribute.EC_PARAMS: params,
+            Attribute.EC_POINT: bytes([0x04, len(point)]) + point})
+
+    with_raw_session(keystore, import_key)
+    ref = keystore.find(label)
+    try:
+        report = keystore.inspect(ref)
+        assert report.attributes["CKA_LOCAL"] is False
+        assert report.attributes["CKA_SENSITIVE"] is False
+        assert report.attributes["CKA_ALWAYS_SENSITIVE"] is False
+        assert report.attributes["CKA_EXTRACTABLE"] is True
+        assert report.attributes["CKA_NEVER_EXTRACTABLE"] is False
+        assert report.secret_refusal == ""  # the token handed the value out
+    finally:
+        keystore.destroy(ref)
+
+
 # -- signing through cryptography's builders -----------------------------------------------------
 
 
