@@ -65,7 +65,7 @@ def kms() -> None:
 @click.option("--issuer-password-file", "--password-file", "issuer_password_file",
               type=click.Path(path_type=Path), help="Issuer token PIN.")
 @click.option("--root-password-file", type=click.Path(path_type=Path),
-              help="Root token PIN: check the root key too.")
+              help="Root token PIN: check the root key too (alone without an issuer PIN).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def check(config: Path | None, issuer_password_file: Path | None,
           root_password_file: Path | None, as_json: bool) -> None:
@@ -81,8 +81,11 @@ def check(config: Path | None, issuer_password_file: Path | None,
     cfg = load_config(config_path)
     home = home_of(config_path)
     prepare_token_environment(cfg, home)
-    targets = [("issuer", cfg.key, resolve_path(home, cfg.crt),
-                read_secret(issuer_password_file, "Issuer token PIN: ", "issuer password"))]
+    targets = []
+    # With only the root PIN, only the root key (in quorum mode nobody holds the issuer PIN).
+    if issuer_password_file is not None or root_password_file is None:
+        targets.append(("issuer", cfg.key, resolve_path(home, cfg.crt), read_secret(
+            issuer_password_file, "Issuer token PIN: ", "issuer password")))
     if root_password_file is not None:
         if not cfg.root_key:
             raise ConfigError(f"{config_path} has no rootKey: the root key's URI is unknown")

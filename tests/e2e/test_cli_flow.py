@@ -453,6 +453,9 @@ def test_kms_check_shows_from_the_token_that_both_keys_stay_in_it(ca: CaServer) 
     assert doc["ok"] is True and [k["role"] for k in doc["keys"]] == ["issuer"], doc
     checks = {c["name"]: c["value"] for c in doc["keys"][0]["checks"]}
     assert checks["certificate"] == "matches" and checks["CKA_ALWAYS_SENSITIVE"] == "true"
+    root_only = json.loads(ca.run_cli("kms", "check", "--json", "--root-password-file",
+                                      ca.root_pin_file, home=ca.ca_home).stdout)
+    assert [k["role"] for k in root_only["keys"]] == ["root"], root_only
     records = [json.loads(line) for line in
                (ca.ca_home / "audit" / "audit.jsonl").read_text().splitlines()]
     checked = [r for r in records if r["event"] == "kms.check"]
