@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,6 +417,21 @@ def provisioner_tokens(ca: CaServer, name: str, audience: str | None = None) -> 
     (entry,) = [p for p in config["authority"]["provisioners"] if p["name"] == name]
     key, _ = decrypt_private_key(entry["encryptedKey"], ca.provisioner_password.encode())
     return Tokens(TokenSigner.for_key(key, name), audience or ca.sign_audience, ca.fingerprint)
+
+
+@contextlib.contextmanager
+def reconfigured(ca: CaServer, **members: Any) -> Iterator[None]:
+    """Run the block with these top-level ca.json members (reloaded by SIGHUP), then restore."""
+    original = ca.config_path.read_text()
+    config = json.loads(original)
+    config.update(members)
+    ca.config_path.write_text(json.dumps(config))
+    sighup_and_wait(ca)
+    try:
+        yield
+    finally:
+        ca.config_path.write_text(original)
+        sighup_and_wait(ca)
 
 
 def server_errors(ca: CaServer, since: int = 0) -> list[dict[str, Any]]:

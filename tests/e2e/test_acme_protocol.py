@@ -30,7 +30,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from e2e_support import sighup_and_wait
+from e2e_support import reconfigured, sighup_and_wait
 from jwcrypto.jwk import JWK
 from jwcrypto.jws import JWS
 
@@ -342,12 +342,7 @@ async def test_directory_and_new_nonce(acme: AcmeClient) -> None:
 
 async def test_a_rate_limited_request_gets_a_nonce_for_its_retry(acme_ca: AcmeCa) -> None:
     """The edge's 429 comes before the ACME app runs; it still carries a usable nonce."""
-    original = acme_ca.config_path.read_text()
-    config = json.loads(original)
-    config["rateLimits"] = {"issuance": {"perSecond": 1, "burst": 1}}
-    acme_ca.config_path.write_text(json.dumps(config))
-    sighup_and_wait(acme_ca)
-    try:
+    with reconfigured(acme_ca, rateLimits={"issuance": {"perSecond": 1, "burst": 1}}):
         # One connection, so one worker and one rate-limit bucket.
         connector = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -368,9 +363,6 @@ async def test_a_rate_limited_request_gets_a_nonce_for_its_retry(acme_ca: AcmeCa
                                             {"identifiers": names},
                                             nonce=limited.headers["Replay-Nonce"])
             assert retry.status == 201, retry
-    finally:
-        acme_ca.config_path.write_text(original)
-        sighup_and_wait(acme_ca)
 
 
 async def test_account_creation_and_lookup(acme: AcmeClient) -> None:

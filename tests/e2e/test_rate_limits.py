@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 
 import aiohttp
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from e2e_support import CaServer, Tokens, sighup_and_wait
+from e2e_support import CaServer, Tokens, reconfigured
 
 from appliance.client import make_csr
 
@@ -23,12 +22,7 @@ def csr_pem(subject: str) -> str:
 
 
 async def test_issuance_burst_is_limited_then_resumes(ca: CaServer, tokens: Tokens) -> None:
-    original = ca.config_path.read_text()
-    config = json.loads(original)
-    config["rateLimits"] = {"issuance": {"perSecond": 1, "burst": 3}}
-    ca.config_path.write_text(json.dumps(config))
-    sighup_and_wait(ca)
-    try:
+    with reconfigured(ca, rateLimits={"issuance": {"perSecond": 1, "burst": 3}}):
         csr = csr_pem("limited.test")
         ssl_ctx = ssl.create_default_context(cafile=str(ca.root_path))
         # One keep-alive connection: every request reaches the same worker (limits are per worker).
@@ -52,18 +46,10 @@ async def test_issuance_burst_is_limited_then_resumes(ca: CaServer, tokens: Toke
             async with session.post(f"{ca.url}/1.0/sign", json={
                     "csr": csr, "ott": tokens.mint("limited.test")}) as resp:
                 assert resp.status == 201, await resp.text()
-    finally:
-        ca.config_path.write_text(original)
-        sighup_and_wait(ca)
 
 
 async def test_repeated_failed_authentication_is_limited(ca: CaServer, tokens: Tokens) -> None:
-    original = ca.config_path.read_text()
-    config = json.loads(original)
-    config["rateLimits"] = {"failedAuth": {"perSecond": 1, "burst": 2}}
-    ca.config_path.write_text(json.dumps(config))
-    sighup_and_wait(ca)
-    try:
+    with reconfigured(ca, rateLimits={"failedAuth": {"perSecond": 1, "burst": 2}}):
         ssl_ctx = ssl.create_default_context(cafile=str(ca.root_path))
         connector = aiohttp.TCPConnector(limit=1, ssl=ssl_ctx)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -78,9 +64,6 @@ async def test_repeated_failed_authentication_is_limited(ca: CaServer, tokens: T
             async with session.post(f"{ca.url}/1.0/sign", json={
                     "csr": csr_pem("ok.test"), "ott": tokens.mint("ok.test")}) as resp:
                 assert resp.status == 201, await resp.text()
-    finally:
-        ca.config_path.write_text(original)
-        sighup_and_wait(ca)
 
 
 def test_pin_file_readable_by_others_is_refused(ca: CaServer) -> None:
