@@ -427,6 +427,7 @@ class Supervisor:
             self._collector.reset()
             self._unsealed.set()
             log.info("unsealing", actor=actor)
+            notify("STATUS=unsealing: logging into the token, starting the workers")
             await self._record("unseal", "success", {"quorum": f"{have}/{need}"}, actor)
             return self._status(message="quorum reached: logging into the token")
         elif op == "reset":
@@ -521,7 +522,7 @@ class Supervisor:
             await asyncio.wait([stop, seal], return_when=asyncio.FIRST_COMPLETED)
             for task in (*tasks, stop, seal):
                 task.cancel()
-            notify("STATUS=draining")
+            notify("STATUS=draining" if self._stop.is_set() else "STATUS=sealing: draining")
             log.info("stopping" if self._stop.is_set() else "sealing_workers")
         finally:
             self._serving = False

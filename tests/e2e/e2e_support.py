@@ -419,6 +419,22 @@ def provisioner_tokens(ca: CaServer, name: str, audience: str | None = None) -> 
     return Tokens(TokenSigner.for_key(key, name), audience or ca.sign_audience, ca.fingerprint)
 
 
+def receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    """sd_notify datagrams received on `sock` up to and including one with the line `wanted`."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        seen.append(message)
+        if wanted in message.split("\n"):
+            return seen
+    raise AssertionError(f"no {wanted!r} from the server within {timeout} s; got {seen}")
+
+
 @contextlib.contextmanager
 def reconfigured(ca: CaServer, **members: Any) -> Iterator[None]:
     """Run the block with these top-level ca.json members (reloaded by SIGHUP), then restore."""

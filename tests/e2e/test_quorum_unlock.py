@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import APPLIANCTL, clean_env, free_port, write_secret
+from e2e_support import APPLIANCTL, clean_env, free_port, receive_until, write_secret
 
 from appliance.unlock.admin import admin_request
 
@@ -67,11 +68,14 @@ class QuorumCa:
         log = self.log.read_text()[-3000:]
         pytest.fail(f"/health never answered {status}; last: {last}\n{log}", pytrace=False)
 
-    def start(self) -> None:
+    def start(self, notify_socket: Path | None = None) -> None:
+        env = clean_env(self.home)
+        if notify_socket is not None:
+            env["NOTIFY_SOCKET"] = str(notify_socket)
         with open(self.log, "ab") as err:
             self.process = subprocess.Popen(
                 [APPLIANCTL, "serve", str(self.home / "config" / "ca.json"), "--workers", "1"],
-                env=clean_env(self.home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=err, start_new_session=True)
 
     def stop(self) -> int:
@@ -180,6 +184,35 @@ def test_quorum_ceremony(qca: QuorumCa, tmp_path: Path) -> None:
     assert qca.health()[1]["progress"] == "1/3"
     qca.cli("unlock", "--reset")
     assert qca.health()[1]["progress"] == "0/3"
+
+
+def test_systemd_hears_sealed_unsealing_serving_and_sealing(qca: QuorumCa,
+                                                             tmp_path: Path) -> None:
+    assert qca.stop() == 0
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        qca.start(notify_path)
+        try:
+            started = receive_until(sock, "READY=1", 60)
+            assert "STATUS=sealed: 0/3 unseal shares" in started[-1].split("\n"), started
+            qca.cli("unlock", "--share-file", qca.share(1), "--share-file", qca.share(2))
+            qca.cli("unlock", "--share-file", qca.share(3))
+            unsealed = receive_until(sock, "READY=1", 60)
+            statuses = [line for m in unsealed for line in m.split("\n")
+                        if line.startswith("STATUS=")]
+            assert statuses[-2:] == [
+                "STATUS=unsealing: logging into the token, starting the workers",
+                f"STATUS=serving on 127.0.0.1:{qca.port} with 1 workers"], statuses
+            qca.cli("seal")
+            sealed = receive_until(sock, "READY=1", 60)
+            assert [line for m in sealed for line in m.split("\n")
+                    if line.startswith("STATUS=")] == [
+                "STATUS=sealing: draining", "STATUS=sealed: 0/3 unseal shares"], sealed
+        finally:
+            assert qca.stop() == 0
+    qca.start()  # without the notify socket, for the tests after this one
+    qca.wait_health(503)
 
 
 def test_rekey_shares(qca: QuorumCa, tmp_path: Path) -> None:

@@ -5,28 +5,12 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from e2e_support import APPLIANCTL, CaServer, clean_env
+from e2e_support import APPLIANCTL, CaServer, clean_env, receive_until
 
 pytestmark = pytest.mark.e2e
-
-
-def receive_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            message = sock.recv(4096).decode()
-        except TimeoutError:
-            break
-        seen.append(message)
-        if wanted in message.split("\n"):
-            return seen
-    raise AssertionError(f"no {wanted!r} from the server within {timeout} s; got {seen}")
 
 
 def test_server_notifies_systemd(ca: CaServer, tmp_path: Path) -> None:
