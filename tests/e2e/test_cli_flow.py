@@ -351,6 +351,40 @@ async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaSer
     await assert_four_connections_per_worker(ca)
 
 
+def thread_cpus(pid: int) -> set[str]:
+    """The CPU lists every thread of a process may run on (one entry when they all agree)."""
+    return {(task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_each_worker_and_all_its_threads_run_on_a_cpu_of_their_own(ca: CaServer) -> None:
+    assert ca.process is not None
+    allowed = sorted(os.sched_getaffinity(ca.process.pid))
+    supervisor = thread_cpus(ca.process.pid)
+    pids = worker_pids(ca)
+    assert len(pids) == WORKERS
+    workers = [thread_cpus(pid) for pid in pids]
+    # Several threads per worker (event loop, PKCS#11, database, audit): all on one CPU.
+    assert all(len(list(Path(f"/proc/{pid}/task").iterdir())) >= 3 for pid in pids)
+    if len(allowed) >= WORKERS:
+        assert all(len(cpus) == 1 for cpus in workers), workers
+        assert sorted(next(iter(c)) for c in workers) == [str(c) for c in allowed[:WORKERS]]
+    else:  # one CPU: nothing to spread over, nothing pinned
+        assert all(cpus == supervisor for cpus in workers), (workers, supervisor)
+
+    # pinWorkers false (read at start): the workers may run anywhere the supervisor may.
+    original = ca.config_path.read_text()
+    ca.stop()
+    ca.config_path.write_text(json.dumps(json.loads(original) | {"pinWorkers": False}))
+    try:
+        ca.start()
+        assert all(thread_cpus(pid) == supervisor for pid in worker_pids(ca))
+    finally:
+        ca.stop()
+        ca.config_path.write_text(original)
+        ca.start()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

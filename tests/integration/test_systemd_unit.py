@@ -142,7 +142,8 @@ def test_unit_keeps_the_required_settings() -> None:
     }
     for key, value in expected.items():
         assert settings.get(key) == [value], (key, settings.get(key))
-    assert settings["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert settings["SystemCallFilter"] == ["@system-service", "~@privileged @resources",
+                                            "sched_setaffinity"]
     assert "--issuer-password-file ${CREDENTIALS_DIRECTORY}/issuer-pin" in settings["ExecStart"][0]
     # No IP allow list: the ACME validator must reach clients on 80/443.
     assert "IPAddressDeny" not in settings
