@@ -89,7 +89,8 @@ def worker_main(index: int, config_path: str, log_format: str, resolver: str | N
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
     # First, before any thread exists: the threads started later (PKCS#11, database, audit)
     # inherit the CPU. They take turns on the one GIL anyway; on one CPU a hand-over of the
-    # GIL is a local switch instead of a wake-up on another CPU (measured: +16-30 % /sign).
+    # GIL is a local switch instead of a wake-up on another CPU (measured: 13-33 % more
+    # certificates/s, docs/performance.md).
     pin_error = None
     if cpu is not None:
         try:
