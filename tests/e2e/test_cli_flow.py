@@ -334,6 +334,7 @@ async def health_on_new_connections(ca: CaServer, count: int) -> list[bytes]:
 async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaServer) -> None:
     before = worker_pids(ca)
     assert len(before) == WORKERS
+    cpus_before = thread_cpus(before[0])
     since = ca.log_size()
     os.kill(before[0], signal.SIGKILL)
     ca.wait_for_event("worker_died", since)
@@ -347,6 +348,8 @@ async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaSer
     after = worker_pids(ca)
     assert len(after) == WORKERS and before[0] not in after and ready["pid"] in after, (
         before, after, ready)
+    # The replacement takes the place of the worker it replaces, on the same CPU.
+    assert thread_cpus(ready["pid"]) == cpus_before, (cpus_before, ready)
     # Once it is ready, the replacement takes its turn again.
     await assert_four_connections_per_worker(ca)
 
