@@ -283,7 +283,9 @@ class Supervisor:
         return self._config.unlock.mode == "quorum"
 
     def worker_count(self) -> int:
-        return self.options.workers or self.config.workers or os.cpu_count() or 1
+        # One per CPU this process may run on (a cpuset or CPUAffinity= can allow fewer than
+        # the machine has).
+        return self.options.workers or self.config.workers or len(self._cpus) or 1
 
     async def run(self) -> int:
         if self._pin is not None:

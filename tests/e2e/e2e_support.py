@@ -178,15 +178,20 @@ class CaServer:
             *extra, home=home or self.ca_home, check=check)
 
     # -- the server ----------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start `serve` and wait for its "serving" line; fail with the log if it never comes."""
+    def start(self, prefix: tuple[str, ...] = (), workers: int | None = WORKERS) -> None:
+        """Start `serve` and wait for its "serving" line; fail with the log if it never comes.
+
+        `prefix` runs it under another command (e.g. taskset); `workers=None` leaves the count
+        to the server.
+        """
         assert self.process is None or self.process.poll() is not None, "already running"
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._stderr = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        count = ["--workers", str(workers)] if workers is not None else []
         self.process = subprocess.Popen(
-            [APPLIANCTL, "serve", str(self.config_path),
+            [*prefix, APPLIANCTL, "serve", str(self.config_path),
              "--issuer-password-file", str(self.issuer_pin_file),
-             "--pidfile", str(self.pidfile), "--workers", str(WORKERS)],
+             "--pidfile", str(self.pidfile), *count],
             env=clean_env(self.ca_home), cwd=self.base, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True)
         try:

@@ -388,6 +388,21 @@ def test_each_worker_and_all_its_threads_run_on_a_cpu_of_their_own(ca: CaServer)
         ca.start()
 
 
+def test_by_default_one_worker_per_cpu_the_server_may_use(ca: CaServer) -> None:
+    """A cpuset (here: taskset) that allows one CPU of two gets one worker, not two."""
+    ca.stop()
+    try:
+        since = ca.log_size()
+        ca.start(prefix=("taskset", "-c", "0"), workers=None)
+        serving = [e for e in ca.events(since) if e.get("event") == "serving"]
+        assert serving and serving[-1]["workers"] == 1, serving
+        (pid,) = worker_pids(ca)
+        assert thread_cpus(pid) == {"0"}
+    finally:
+        ca.stop()
+        ca.start()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
