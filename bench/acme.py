@@ -6,8 +6,8 @@ Each certificate is a whole ACME issuance by an in-process client (new order -> 
 p50/p99 per certificate, checks that every certificate is in the CA's database, and then times
 the real lego binary issuing one certificate after another.
 
-    .venv/bin/python bench/acme.py [--duration 10] [--concurrency 8] [--workers 2] [--lego 5]
-        [--raw-seconds 1] [--profile 6] [--keep]
+    .venv/bin/python bench/acme.py [--duration 10] [--concurrency 8] [--workers 2] [--no-pin]
+        [--lego 5] [--raw-seconds 1] [--profile 6] [--keep]
 
 It also prints the issuer key's raw signing rate (the machine's yardstick), the server's CPU per
 certificate by thread, and how many HTTP requests one issuance took; --profile runs py-spy on
@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--processes", type=int, default=2, help="load-generator processes")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-pin", action="store_true",
+                   help="let the workers run on any CPU (ca.json pinWorkers: false)")
     p.add_argument("--lego", type=int, default=5, help="lego issuances to time (0: none)")
     p.add_argument("--raw-seconds", type=float, default=1.0,
                    help="seconds per raw token signing measurement (0: skip)")
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="acme-bench-"))
     http_port, tls_port = free_port(), free_port()
-    ca = create_ca(work, free_port())
+    ca = create_ca(work, free_port(), pin_workers=not args.no_pin)
     url = setup_acme(ca, http_port, tls_port)
     server = Server(ca, args.workers)
     server.start()
