@@ -14,6 +14,7 @@ from appliance.audit.log import (
     sign_message,
     tail,
     verify,
+    verify_message,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "sign_message",
     "tail",
     "verify",
+    "verify_message",
 ]

@@ -245,6 +245,13 @@ def _verify_signature(public_key: CertificatePublicKeyTypes, alg: str, signature
     """Raise InvalidSignature unless `signature` is `alg` over `message` by `public_key`."""
     if alg != checkpoint_algorithm(public_key):
         raise InvalidSignature(f"alg {alg} does not fit the certificate's key")
+    verify_message(public_key, signature, message)
+
+
+def verify_message(public_key: CertificatePublicKeyTypes, signature: bytes,
+                   message: bytes) -> None:
+    """Raise InvalidSignature unless `sign_message` with the matching key made `signature`."""
+    checkpoint_algorithm(public_key)  # AuditError for a key type it cannot sign with
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     elif isinstance(public_key, rsa.RSAPublicKey):

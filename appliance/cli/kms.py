@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from appliance.audit import sign_message, verify_message
 from appliance.cli.audit_cmd import record_cli_event
 from appliance.cli.main import cli, read_secret
 from appliance.config import CaConfig, default_home, home_of, load_config, resolve_path
@@ -143,14 +143,15 @@ def _check_key(cfg: CaConfig, role: str, uri: str, cert_path: Path, pin: str) ->
             report.lines.append((f"read {inspection.secret_attribute}", "HANDED OUT", ""))
             report.problems.append(f"the token gave out {inspection.secret_attribute}")
         challenge = secrets.token_bytes(32)
-        signature = _sign(key, challenge)
-        if _verifies(certificate, signature, challenge):
-            report.lines.append(("test signature", "verifies", "made in the token over a random "
-                                 "challenge, checked with the certificate's public key"))
-        else:
+        try:  # the audit checkpoints' scheme, for this key type
+            verify_message(certificate.public_key(), sign_message(key, challenge), challenge)
+        except InvalidSignature:
             report.lines.append(("test signature", "DOES NOT VERIFY", ""))
             report.problems.append("a signature made in the token does not verify with "
                                    f"{cert_path}")
+        else:
+            report.lines.append(("test signature", "verifies", "made in the token over a random "
+                                 "challenge, checked with the certificate's public key"))
     finally:
         store.close()
     return report
@@ -162,31 +163,6 @@ def _describe(public: Any) -> str:
     if isinstance(public, rsa.RSAPublicKey):
         return f"RSA {public.key_size}"
     return "Ed25519"
-
-
-def _sign(key: Any, data: bytes) -> bytes:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    signature: bytes = key.sign(data)
-    return signature
-
-
-def _verifies(certificate: x509.Certificate, signature: bytes, data: bytes) -> bool:
-    public = certificate.public_key()
-    try:
-        if isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(signature, data)
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
 
 
 def _print(report: KeyReport) -> None:

@@ -529,6 +529,7 @@ def test_kms_check_fails_on_a_certificate_that_is_not_the_keys(ca: CaServer,
     assert out.returncode == 1, out.stdout
     assert f"error: issuer key: its public key is not the one in {ca.root_path}" in out.stderr
     assert "certificate            DIFFERS" in out.stdout
+    assert "error: issuer key: a signature made in the token does not verify with" in out.stderr
 
     bad_pin = tmp_path / "bad-pin"
     bad_pin.write_text("not-the-pin-1234\n")
