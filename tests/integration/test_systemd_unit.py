@@ -288,6 +288,19 @@ def test_the_installed_unit_serves_reloads_and_stops(installed: None, tmp_path: 
     assert status["Seccomp"].strip() == "2"
     assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
 
+    # Under the system call filter each worker still pins itself, threads and all, to its own
+    # CPU (the unit allows sched_setaffinity back from @resources for exactly that).
+    allowed = os.sched_getaffinity(main_pid)
+    children = Path(f"/proc/{main_pid}/task/{main_pid}/children").read_text().split()
+    workers = [pid for pid in children
+               if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    cpus = [{(task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+             for task in Path(f"/proc/{pid}/task").iterdir()} for pid in workers]
+    assert "worker_not_pinned" not in journal()
+    if len(allowed) >= 2:
+        assert all(len(c) == 1 for c in cpus) and len({next(iter(c)) for c in cpus}) == min(
+            len(workers), len(allowed)), cpus
+
     # A certificate through the sandboxed service (token signing under MemoryDenyWriteExecute).
     client = tmp_path / "client"
     client_env = {**env, "APPLIANCE_HOME": str(client)}
