@@ -69,3 +69,33 @@ class StorageError(ApplianceError):
     """The database could not record or read something; the client may retry."""
 
     status = 503
+
+
+class StoreRefusal(ApplianceError):
+    """The store refused a write because of what is already recorded (not a fault: a decision)."""
+
+
+class TokenReused(StoreRefusal, Unauthorized):
+    """The one-time token id (or nonce) was already recorded: a replay."""
+
+    def __init__(self, message: str = "token already used: one-time tokens cannot be replayed"
+                 ) -> None:
+        super().__init__(message)
+
+
+class AlreadyRevoked(StoreRefusal, BadRequest):
+    """The certificate is already revoked."""
+
+    acme_type = "alreadyRevoked"
+
+
+class CertificateUnknown(StoreRefusal, NotFound):
+    """No issued certificate has this serial."""
+
+
+class RecordNotFound(StoreRefusal, NotFound):
+    """A record the caller named (an ACME account, order, authorization...) does not exist."""
+
+
+class RecordConflict(StoreRefusal, Conflict):
+    """The write lost a race with another one, or contradicts what is recorded."""

@@ -6,19 +6,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from appliance.errors import StorageError
-
-
-class TokenReused(Exception):
-    """The one-time token id was already recorded: a replay."""
-
-
-class AlreadyRevoked(Exception):
-    """The certificate is already revoked."""
-
-
-class CertificateUnknown(Exception):
-    """No issued certificate has this serial."""
+# The store's typed refusals live with every other error; re-exported for the store's callers.
+from appliance.errors import AlreadyRevoked as AlreadyRevoked
+from appliance.errors import CertificateUnknown as CertificateUnknown
+from appliance.errors import RecordConflict as RecordConflict
+from appliance.errors import RecordNotFound as RecordNotFound
+from appliance.errors import StorageError as StorageError
+from appliance.errors import StoreRefusal as StoreRefusal
+from appliance.errors import TokenReused as TokenReused
 
 
 @dataclass(frozen=True)

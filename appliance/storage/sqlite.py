@@ -499,7 +499,7 @@ class SqliteStore:
                         db.execute(_SQL_INSERT_JTI,
                                    (tu.provisioner, tu.jti, _ts(tu.expires_at), now))
                     except sqlite3.IntegrityError:
-                        reserved.append(TokenReused(tu.jti))  # the statement wrote nothing
+                        reserved.append(TokenReused())  # the statement wrote nothing
                         continue
                     token_id = f"{tu.provisioner}/{tu.jti}"
                 try:
@@ -567,10 +567,11 @@ class SqliteStore:
             row = conn.execute(select(certificates.c.status, certificates.c.not_after)
                                .where(certificates.c.serial == serial)).first()
             if row is None or row.status != "issued":
-                raise CertificateUnknown(serial)
+                raise CertificateUnknown(
+                    f"no certificate with serial {serial} was issued by this CA")
             if conn.execute(select(revocations.c.serial)
                             .where(revocations.c.serial == serial)).first() is not None:
-                raise AlreadyRevoked(serial)
+                raise AlreadyRevoked(f"certificate with serial {serial} is already revoked")
             if revocation.token_use is not None:
                 tu = revocation.token_use
                 try:
@@ -578,7 +579,7 @@ class SqliteStore:
                         "provisioner": tu.provisioner, "jti": tu.jti,
                         "expires_at": _ts(tu.expires_at), "used_at": now})
                 except IntegrityError:
-                    raise TokenReused(tu.jti) from None
+                    raise TokenReused() from None
             conn.execute(insert(revocations).values(
                 serial=serial, reason_code=revocation.reason_code, reason=revocation.reason,
                 revoked_at=_ts(revocation.revoked_at), provisioner=revocation.provisioner,
