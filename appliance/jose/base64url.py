@@ -1,0 +1,56 @@
+"""RFC 7515 base64url without padding, decoded strictly.
+
+Only the canonical form is accepted: no padding, nothing outside the URL-safe alphabet and no
+set bits in the unused tail of the last character. A lenient decoder lets two different strings
+stand for the same bytes, which breaks replay checks keyed on the text (nonces, token ids) and
+hides tampering with a signed segment.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from appliance.errors import BadRequest
+
+
+class JoseError(BadRequest):
+    """A JOSE object (base64url text, JWS, JWK, JWE) is malformed or does not verify."""
+
+
+_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def b64url_encode(data: bytes) -> str:
+    """Encode bytes as unpadded base64url text."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode canonical unpadded base64url text; raise JoseError for any other form."""
+    if not isinstance(text, str):
+        raise JoseError("base64url value is not a string")
+    if _ALPHABET.fullmatch(text) is None:
+        raise JoseError("base64url value has padding or characters outside the alphabet")
+    if len(text) % 4 == 1:
+        raise JoseError("base64url value has an impossible length")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as e:
+        raise JoseError("base64url value does not decode") from e
+    # The re-encoding differs exactly when the unused trailing bits were not zero.
+    if b64url_encode(data) != text:
+        raise JoseError("base64url value is not canonical")
+    return data
+
+
+def b64url_uint(text: str) -> int:
+    """Decode a JWK/JWA big-endian unsigned integer (RFC 7518 section 2, Base64urlUInt)."""
+    return int.from_bytes(b64url_decode(text), "big")
+
+
+def b64url_uint_encode(value: int, length: int | None = None) -> str:
+    """Encode an unsigned integer big-endian, in `length` bytes or the fewest that hold it."""
+    size = length if length is not None else max(1, (value.bit_length() + 7) // 8)
+    return b64url_encode(value.to_bytes(size, "big"))
