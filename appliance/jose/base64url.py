@@ -12,12 +12,9 @@ import base64
 import binascii
 import re
 
-from appliance.errors import BadRequest
+from appliance.jose.errors import JoseError
 
-
-class JoseError(BadRequest):
-    """A JOSE object (base64url text, JWS, JWK, JWE) is malformed or does not verify."""
-
+__all__ = ["JoseError", "b64url_decode", "b64url_encode", "b64url_uint", "b64url_uint_encode"]
 
 _ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -27,27 +24,30 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str) -> bytes:
-    """Decode canonical unpadded base64url text; raise JoseError for any other form."""
+def b64url_decode(text: str, what: str = "base64url value",
+                  error: type[JoseError] = JoseError) -> bytes:
+    """Decode canonical unpadded base64url text; raise `error` (JoseError) for any other form.
+
+    `what` names the value in the message ('JWS "payload"'), so the requester sees which one.
+    """
     if not isinstance(text, str):
-        raise JoseError("base64url value is not a string")
-    if _ALPHABET.fullmatch(text) is None:
-        raise JoseError("base64url value has padding or characters outside the alphabet")
-    if len(text) % 4 == 1:
-        raise JoseError("base64url value has an impossible length")
+        raise error(f"{what} must be a base64url string")
+    if _ALPHABET.fullmatch(text) is None or len(text) % 4 == 1:
+        raise error(f"{what} is not base64url (URL-safe alphabet, no \"=\" padding)")
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as e:
-        raise JoseError("base64url value does not decode") from e
+    except (binascii.Error, ValueError):
+        raise error(f"{what} is not base64url (URL-safe alphabet, no \"=\" padding)") from None
     # The re-encoding differs exactly when the unused trailing bits were not zero.
     if b64url_encode(data) != text:
-        raise JoseError("base64url value is not canonical")
+        raise error(f"{what} is not canonical base64url")
     return data
 
 
-def b64url_uint(text: str) -> int:
+def b64url_uint(text: str, what: str = "base64url value",
+                error: type[JoseError] = JoseError) -> int:
     """Decode a JWK/JWA big-endian unsigned integer (RFC 7518 section 2, Base64urlUInt)."""
-    return int.from_bytes(b64url_decode(text), "big")
+    return int.from_bytes(b64url_decode(text, what, error), "big")
 
 
 def b64url_uint_encode(value: int, length: int | None = None) -> str:

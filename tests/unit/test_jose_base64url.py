@@ -44,3 +44,10 @@ def test_the_error_is_a_bad_request() -> None:
 def test_a_non_string_is_refused() -> None:
     with pytest.raises(JoseError):
         b64url_decode(b"Zg")  # type: ignore[arg-type]
+
+
+def test_the_message_names_the_value() -> None:
+    with pytest.raises(JoseError, match='JWS "payload" is not base64url'):
+        b64url_decode("a+b/", 'JWS "payload"')
+    with pytest.raises(JoseError, match='JWS "protected" is not canonical base64url'):
+        b64url_decode("e31", 'JWS "protected"')
