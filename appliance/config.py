@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from appliance.config_policy import PolicyConfig
 from appliance.durations import parse_duration
 from appliance.errors import ConfigError
+from appliance.fileio import write_atomic
 
 DEFAULT_HOME_ENV = "APPLIANCE_HOME"
 
@@ -406,30 +406,8 @@ def load_config(path: Path) -> CaConfig:
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
     """Write JSON so that a reader sees the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        owner: tuple[int, int] | None = (path.stat().st_uid, path.stat().st_gid)
-    except FileNotFoundError:
-        owner = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            if owner is not None and os.geteuid() == 0:
-                # root editing a service's file (provisioner add, rekey-shares) keeps its owner
-                os.fchown(f.fileno(), *owner)
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # root editing a service's file (provisioner add, rekey-shares) keeps its owner
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode, keep_owner=True)
 
 
 def write_config(path: Path, config: CaConfig) -> None:

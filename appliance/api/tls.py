@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.config import CIPHER_SUITES, TlsConfig
+from appliance.fileio import write_atomic
 from appliance.issuance.issuer import IssuanceRequest, Issuer
 from appliance.issuance.names import parse_san
 
@@ -86,14 +87,7 @@ def save_server_tls(directory: Path, chain_pem: bytes, key_pem: bytes) -> None:
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name, data, mode in (("server.key", key_pem, 0o600), ("server.crt", chain_pem, 0o644)):
-        tmp = directory / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
+        write_atomic(directory / name, data, mode)
 
 
 def load_server_tls(directory: Path) -> tuple[bytes, bytes, datetime] | None:

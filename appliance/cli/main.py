@@ -19,6 +19,7 @@ from appliance.authority.provisioners.jwk_keys import generate_key
 from appliance.client import CaClient, ClientError, make_csr, token_claims_unverified
 from appliance.config import Defaults, default_home
 from appliance.errors import ApplianceError, BadRequest
+from appliance.fileio import replace_durably, write_temporary
 from hsm.errors import HsmError
 
 T = TypeVar("T")
@@ -95,19 +96,12 @@ def write_files(files: list[tuple[Path, bytes, int]]) -> None:
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data, mode in files:
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+                staged.append((write_temporary(path, data, mode), path))
             except OSError as e:
                 raise BadRequest(f"cannot write {path}: {e.strerror}") from None
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
         for tmp, path in staged:
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
