@@ -7,8 +7,6 @@ db, authority.provisioners, authority.claims, tls); `rootKey`, `workers` and `pi
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,8 +17,7 @@ from appliance.config_policy import PolicyConfig
 from appliance.durations import parse_duration
 from appliance.errors import ConfigError
 from appliance.fileio import write_atomic
-
-DEFAULT_HOME_ENV = "APPLIANCE_HOME"
+from appliance.home import DEFAULT_HOME_ENV, Defaults, default_home  # noqa: F401 - re-exported
 
 # step-ca's default cipher suites (Go names) and their OpenSSL spellings. TLS 1.3 suites are fixed.
 CIPHER_SUITES = {
@@ -32,12 +29,6 @@ CIPHER_SUITES = {
     "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
 }
 DEFAULT_CIPHER_SUITES = list(CIPHER_SUITES)
-
-
-def default_home() -> Path:
-    """The CA home: $APPLIANCE_HOME, else ~/.appliance."""
-    env = os.environ.get(DEFAULT_HOME_ENV)
-    return Path(env) if env else Path.home() / ".appliance"
 
 
 class _Model(BaseModel):
@@ -412,24 +403,3 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
 
 def write_config(path: Path, config: CaConfig) -> None:
     write_json_atomic(path, config.to_json())
-
-
-@dataclass(frozen=True)
-class Defaults:
-    ca_url: str
-    fingerprint: str
-    root: Path
-
-    @classmethod
-    def load(cls, home: Path | None = None) -> Defaults | None:
-        path = (home or default_home()) / "config" / "defaults.json"
-        try:
-            data = json.loads(path.read_text())
-            return cls(data["ca-url"], data["fingerprint"], Path(data["root"]))
-        except (FileNotFoundError, KeyError, ValueError):
-            return None
-
-    def write(self, home: Path) -> None:
-        write_json_atomic(home / "config" / "defaults.json",
-                          {"ca-url": self.ca_url, "fingerprint": self.fingerprint,
-                           "root": str(self.root)}, mode=0o644)
