@@ -29,7 +29,7 @@ def cli_actor() -> str:
 def record_cli_event(config_path: Path, event: str, details: dict[str, Any],
                      outcome: str = "success") -> None:
     """Audit a CLI change to the CA (init, provisioner and policy edits); fail closed."""
-    from appliance.runtime import audit_log
+    from appliance.server.composition import audit_log
 
     config = load_config(config_path)
     log = audit_log(config, home_of(config_path))

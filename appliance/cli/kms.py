@@ -18,8 +18,12 @@ from appliance.cli.audit_cmd import record_cli_event
 from appliance.cli.main import cli, read_secret
 from appliance.config import CaConfig, default_home, home_of, load_config, resolve_path
 from appliance.errors import ConfigError
-from appliance.hardening import check_secret_file
-from appliance.runtime import load_certificate, module_and_token, prepare_token_environment
+from appliance.server.composition import (
+    load_certificate,
+    module_and_token,
+    prepare_token_environment,
+)
+from appliance.server.hardening import check_secret_file
 from hsm.pkcs11_store import Pkcs11KeyStore
 from hsm.uri import Pkcs11Uri
 

@@ -157,7 +157,7 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
          hsm_module: str | None, root_token: str, issuer_token: str, home: Path | None,
          with_acme: bool, quorum: str | None, share_dir: Path | None, force: bool) -> None:
     """Create a CA: keys in the token, certificates, ca.json. Prints the root fingerprint last."""
-    from appliance.issuance.init_ca import InitOptions, initialise
+    from appliance.ceremony.init import InitOptions, initialise
     from appliance.issuance.names import parse_san
     from hsm.keystore import KeySpec
     from hsm.softhsm import find_softhsm_module
@@ -201,7 +201,7 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
         acme=with_acme, quorum=quorum_mn))
     if quorum_mn is not None:
         assert share_dir is not None
-        from appliance.unlock.setup import seal_new_ca
+        from appliance.ceremony.quorum import seal_new_ca
 
         paths = asyncio.run(seal_new_ca(result.config_path, issuer_pin, quorum_mn, share_dir))
         del issuer_pin
@@ -235,9 +235,9 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
 def serve(config: Path | None, password_file: Path | None, issuer_password_file: Path | None,
           resolver: str | None, pidfile: Path | None, workers: int | None) -> None:
     """Run the CA over HTTPS (SIGTERM drains and exits 0; SIGHUP reloads ca.json)."""
-    from appliance.api.server import ServeOptions, run_server
     from appliance.config import home_of, load_config
-    from appliance.hardening import check_home_not_writable_by_others, check_secret_file
+    from appliance.server.hardening import check_home_not_writable_by_others, check_secret_file
+    from appliance.server.supervisor import ServeOptions, run_server
 
     config_path = (config or default_home() / "config" / "ca.json").absolute()
     check_home_not_writable_by_others(home_of(config_path), [config_path])

@@ -97,8 +97,8 @@ def seal(ca_config: Path | None, socket_path: Path | None) -> None:
 def rekey_shares_cmd(quorum: str, share_dir: Path, share_files: tuple[Path, ...],
                      ca_config: Path | None) -> None:
     """New custodian shares for the same PIN; the old set stops working."""
+    from appliance.ceremony.quorum import rekey_shares
     from appliance.unlock.quorum import SealedPin
-    from appliance.unlock.setup import rekey_shares
 
     path = (ca_config or default_home() / "config" / "ca.json").absolute()
     config = load_config(path)

@@ -4,7 +4,7 @@ Building and token-signing a certificate holds the GIL, and SoftHSM2 as python-p
 must never be entered by two threads at once, so throughput comes from processes: each worker
 has its own module handle and its own logged-in session behind one PKCS#11 thread, and runs on
 a CPU of its own (pinWorkers). The supervisor binds the port and hands each accepted
-connection to the next worker (appliance/api/dispatch.py). Workers share state only through
+connection to the next worker (appliance/server/dispatch.py). Workers share state only through
 the database and the audit log.
 
 The supervisor logs into the issuer token itself to check the key and issue the server's TLS
@@ -36,8 +36,6 @@ from aiohttp import web
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import ApiState, create_app, create_insecure_app, create_sealed_app
-from appliance.api.dispatch import HandedOverSite, Listeners, channel_pair
-from appliance.api.sdnotify import notify, watchdog_interval
 from appliance.api.tls import (
     issue_server_certificate,
     load_chain,
@@ -51,7 +49,9 @@ from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
-from appliance.runtime import Runtime, audit_log, open_runtime
+from appliance.server.composition import Runtime, audit_log, open_runtime
+from appliance.server.dispatch import HandedOverSite, Listeners, channel_pair
+from appliance.server.sdnotify import notify, watchdog_interval
 from appliance.storage import acme as acme_storage
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
