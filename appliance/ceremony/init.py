@@ -21,7 +21,6 @@ from appliance.config import (
     CaConfig,
     CrlConfig,
     DbConfig,
-    Defaults,
     JwkProvisionerConfig,
     KmsConfig,
     UnlockConfig,
@@ -29,6 +28,7 @@ from appliance.config import (
     write_config,
 )
 from appliance.errors import ConfigError
+from appliance.home import Defaults
 from appliance.issuance.ca_certs import build_intermediate, build_root, fingerprint, pem
 from appliance.storage.sqlite import SqliteStore
 from hsm.keystore import KeySpec

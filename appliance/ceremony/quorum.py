@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.api.tls import issue_server_certificate, save_server_tls
 from appliance.config import home_of, load_config, resolve_path
 from appliance.server.composition import open_runtime
+from appliance.server.tls import issue_server_certificate, save_server_tls
 from appliance.unlock.quorum import SealedPin, recover_pin, seal_pin, write_shares
 
 

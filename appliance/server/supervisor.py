@@ -36,22 +36,23 @@ from aiohttp import web
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import ApiState, create_app, create_insecure_app, create_sealed_app
-from appliance.api.tls import (
+from appliance.audit import AuditError, AuditEvent
+from appliance.config import CaConfig, home_of, load_config, resolve_path
+from appliance.durations import parse_duration
+from appliance.errors import ApplianceError, ConfigError
+from appliance.fileio import write_atomic
+from appliance.issuance.ca_certs import pem
+from appliance.logs import configure_logging
+from appliance.server.composition import Runtime, audit_log, open_runtime
+from appliance.server.dispatch import HandedOverSite, Listeners, channel_pair
+from appliance.server.sdnotify import notify, watchdog_interval
+from appliance.server.tls import (
     issue_server_certificate,
     load_chain,
     load_server_tls,
     save_server_tls,
     server_context,
 )
-from appliance.audit import AuditError, AuditEvent
-from appliance.config import CaConfig, home_of, load_config, resolve_path
-from appliance.durations import parse_duration
-from appliance.errors import ApplianceError, ConfigError
-from appliance.issuance.ca_certs import pem
-from appliance.logs import configure_logging
-from appliance.server.composition import Runtime, audit_log, open_runtime
-from appliance.server.dispatch import HandedOverSite, Listeners, channel_pair
-from appliance.server.sdnotify import notify, watchdog_interval
 from appliance.storage import acme as acme_storage
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
@@ -728,9 +729,7 @@ def check_address_free(host: str, port: int) -> None:
 
 
 def write_pidfile(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{os.getpid()}\n".encode(), 0o644)
 
 
 async def _serve(options: ServeOptions, config: CaConfig, issuer_pin: str | None) -> int:
