@@ -3,39 +3,29 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
-_SECRET_KEYS = re.compile(r"(pin|password|passphrase|secret|token|ott|authorization|share|key_pem)",
-                          re.IGNORECASE)
-_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
-
-
-_secret_key_seen: dict[str, bool] = {}  # the same few keys come with every request line
-
-
-def _is_secret_key(key: str) -> bool:
-    known = _secret_key_seen.get(key)
-    if known is None:
-        known = key != "event" and _SECRET_KEYS.search(key) is not None
-        if len(_secret_key_seen) < 4096:
-            _secret_key_seen[key] = known
-    return known
+from appliance.redaction import REDACTED, is_secret_name, masked, redact_text
 
 
 def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]
                    ) -> MutableMapping[str, Any]:
-    """Drop values of secret-looking keys, and anything shaped like a JWT, from every event."""
+    """Redact the values of secret-named keys, private keys and JWTs from every event.
+
+    The names are the audit log's (appliance.redaction): a PIN is a secret in both.
+    """
     for key in list(event):
         value = event[key]
-        if _is_secret_key(key):
-            event[key] = "[redacted]"
-        elif isinstance(value, str) and "eyJ" in value:
-            event[key] = _JWT.sub("[redacted-jwt]", value)
+        if is_secret_name(key):
+            event[key] = REDACTED
+        elif isinstance(value, str):
+            event[key] = redact_text(value)
+        elif isinstance(value, Mapping | list | tuple):
+            event[key] = masked(value)
     return event
 
 

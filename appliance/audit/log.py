@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
 )
 
+from appliance.redaction import is_secret_name, without_secrets
+
 Signer = Callable[[bytes], Awaitable[bytes]]
 """Signs a checkpoint message with the issuer key; see `checkpoint_algorithm` for the scheme."""
 
@@ -111,44 +113,8 @@ class VerifyResult:
     last_checkpoint_seq: int | None
 
 
-# -- secrets never reach the log ---------------------------------------------------------------
-_SECRET_WORDS: Final = frozenset({
-    "pin", "pins", "puk", "password", "passwords", "passwd", "passphrase", "secret", "secrets",
-    "token", "tokens", "ott", "jwt", "share", "shares", "mnemonic", "seed", "credential",
-    "credentials", "authorization", "cookie", "private", "privkey", "hmac", "keys",
-})
-# "key" alone, or with one of these, names key material; key_id, key_type, public_key do not.
-_KEY_MATERIAL_WORDS: Final = frozenset({
-    "pem", "der", "material", "bytes", "data", "pkcs8", "encrypted", "raw",
-})
-_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
-_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
-_PRIVATE_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-
-
-@functools.lru_cache(maxsize=4096)  # the same few keys come up on every record
-def is_secret_key(name: str) -> bool:
-    """True when a details key names a secret (PIN, password, token, share, key material ...)."""
-    words = {w.lower() for w in _WORD.findall(name)}
-    if words & _SECRET_WORDS:
-        return True
-    return "key" in words and (len(words) == 1 or bool(words & _KEY_MATERIAL_WORDS))
-
-
-def _without_secrets(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _without_secrets(v) for k, v in value.items()
-                if not is_secret_key(str(k))}
-    if isinstance(value, list | tuple):
-        return [_without_secrets(v) for v in value]
-    if isinstance(value, set | frozenset):
-        return sorted((_without_secrets(v) for v in value), key=str)
-    if isinstance(value, str):
-        if _PRIVATE_PEM.search(value):
-            return "[redacted]"
-        if "eyJ" in value:
-            return _JWT.sub("[redacted-jwt]", value)
-    return value
+# -- secrets never reach the log: the one rule of appliance.redaction ----------------------------
+is_secret_key = is_secret_name  # the name callers of appliance.audit know it by
 
 
 def _json_default(value: Any) -> Any:
@@ -181,7 +147,7 @@ def _json(value: Any) -> str:
 def _body(event: str, outcome: str, actor: str, details: Mapping[str, Any]) -> bytes:
     """The middle of a line (actor, event, outcome, details): everything but seq, time, prev."""
     try:
-        details_json = _json(_without_secrets(details))
+        details_json = _json(without_secrets(details))
     except (TypeError, ValueError) as e:
         raise AuditError(f"audit details for {event} cannot be recorded: {e}") from None
     # ensure_ascii: a name from a CSR cannot smuggle control or bidi characters into a terminal.
