@@ -361,11 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     init = commands.add_parser(
         "init-token", help="initialise a token; stdin: SO PIN line, then user PIN line"
     )
-    init.add_argument("--module", required=True)
-    init.add_argument("--label", required=True)
     exists = commands.add_parser("token-exists", help="print 'present' or 'absent'")
-    exists.add_argument("--module", required=True)
-    exists.add_argument("--label", required=True)
+    for command in (init, exists):
+        command.add_argument("--module", required=True)
+        command.add_argument("--label", required=True)
     options = parser.parse_args(argv)
 
     try:

@@ -33,6 +33,15 @@ _QUERY_VALUE_RE: Final = re.compile(r"(?:[A-Za-z0-9\-._~:\[\]@!$'()*+,=/?|]|%[0-
 
 _PATH_ATTRIBUTES: Final = ("token", "object", "id", "type")
 _QUERY_ATTRIBUTES: Final = ("module-path", "pin-source")
+# Attributes refused where they stand, and what to do instead.
+_REFUSED_IN_PATH: Final = {
+    name: f"pkcs11 URI attribute {name!r} belongs in the query"
+    for name in ("pin-value", "pin-source", "module-path")
+}
+_REFUSED_IN_QUERY: Final = {
+    "pin-value": "PINs do not belong in URIs: remove pin-value and use pin-source or a password "
+    "file"
+}
 
 
 class InvalidPkcs11Uri(HsmError, ValueError):
@@ -68,34 +77,11 @@ class Pkcs11Uri:
         path, _, query = rest.partition("?")
         values: dict[str, str | bytes] = {}
         if path:
-            for part in path.split(";"):
-                name, value = _split_attribute(part, "path")
-                if name == "pin-value" or name == "pin-source" or name == "module-path":
-                    raise InvalidPkcs11Uri(f"pkcs11 URI attribute {name!r} belongs in the query")
-                if name not in _PATH_ATTRIBUTES:
-                    raise InvalidPkcs11Uri(f"unsupported pkcs11 URI path attribute {name!r}")
-                if _PATH_VALUE_RE.fullmatch(value) is None:
-                    raise InvalidPkcs11Uri(
-                        f"pkcs11 URI attribute {name!r} has a character that must be "
-                        "percent-encoded or a malformed percent-escape"
-                    )
-                _store(values, name, value)
+            _parse_section(values, path.split(";"), "path", _PATH_ATTRIBUTES, _PATH_VALUE_RE,
+                           _REFUSED_IN_PATH)
         if query:
-            for part in query.split("&"):
-                name, value = _split_attribute(part, "query")
-                if name == "pin-value":
-                    raise InvalidPkcs11Uri(
-                        "PINs do not belong in URIs: remove pin-value and use pin-source or "
-                        "a password file"
-                    )
-                if name not in _QUERY_ATTRIBUTES:
-                    raise InvalidPkcs11Uri(f"unsupported pkcs11 URI query attribute {name!r}")
-                if _QUERY_VALUE_RE.fullmatch(value) is None:
-                    raise InvalidPkcs11Uri(
-                        f"pkcs11 URI attribute {name!r} has a character that must be "
-                        "percent-encoded or a malformed percent-escape"
-                    )
-                _store(values, name, value)
+            _parse_section(values, query.split("&"), "query", _QUERY_ATTRIBUTES, _QUERY_VALUE_RE,
+                           _REFUSED_IN_QUERY)
 
         def text_of(name: str) -> str | None:
             raw = values.get(name)
@@ -134,6 +120,24 @@ class Pkcs11Uri:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _parse_section(values: dict[str, str | bytes], parts: list[str], where: str,
+                   allowed: tuple[str, ...], value_re: re.Pattern[str],
+                   refused: dict[str, str]) -> None:
+    """Decode the path's or the query's attributes into `values`."""
+    for part in parts:
+        name, value = _split_attribute(part, where)
+        if name in refused:
+            raise InvalidPkcs11Uri(refused[name])
+        if name not in allowed:
+            raise InvalidPkcs11Uri(f"unsupported pkcs11 URI {where} attribute {name!r}")
+        if value_re.fullmatch(value) is None:
+            raise InvalidPkcs11Uri(
+                f"pkcs11 URI attribute {name!r} has a character that must be "
+                "percent-encoded or a malformed percent-escape"
+            )
+        _store(values, name, value)
 
 
 def _split_attribute(part: str, where: str) -> tuple[str, str]:

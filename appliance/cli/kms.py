@@ -24,23 +24,9 @@ from appliance.server.composition import (
     prepare_token_environment,
 )
 from appliance.server.hardening import check_secret_file
+from hsm.key_attributes import REQUIRED_KEY_ATTRIBUTES
 from hsm.pkcs11_store import Pkcs11KeyStore
 from hsm.uri import Pkcs11Uri
-
-# What a CA key's attributes must be, and what each value means when it is right.
-EXPECTED: dict[str, tuple[bool, str]] = {
-    "CKA_TOKEN": (True, "stored on the token, not a session object"),
-    "CKA_PRIVATE": (True, "usable only after login with the PIN"),
-    "CKA_SENSITIVE": (True, "the token never reveals the key's value"),
-    "CKA_ALWAYS_SENSITIVE": (True, "it never has"),
-    "CKA_EXTRACTABLE": (False, "it cannot be wrapped out of the token"),
-    "CKA_NEVER_EXTRACTABLE": (True, "it never could be"),
-    "CKA_LOCAL": (True, "generated inside the token, not imported"),
-    "CKA_SIGN": (True, "it signs"),
-    "CKA_DECRYPT": (False, "it decrypts nothing"),
-    "CKA_UNWRAP": (False, "it unwraps nothing"),
-    "CKA_DERIVE": (False, "it derives nothing"),
-}
 
 
 @dataclass
@@ -134,7 +120,8 @@ def _check_key(cfg: CaConfig, role: str, uri: str, cert_path: Path, pin: str) ->
         else:
             report.lines.append(("certificate", "DIFFERS", f"{cert_path}"))
             report.problems.append(f"its public key is not the one in {cert_path}")
-        for name, (wanted, meaning) in EXPECTED.items():
+        for required in REQUIRED_KEY_ATTRIBUTES:  # what a CA key's attributes must be
+            name, wanted, meaning = required.name, required.value, required.meaning
             value = inspection.attributes.get(name)
             shown = "not reported" if value is None else str(value).lower()
             report.lines.append((name, shown, meaning if value is wanted else ""))
