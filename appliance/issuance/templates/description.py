@@ -1,11 +1,10 @@
-"""Certificate templates: a provisioner's Jinja2 template renders a JSON certificate description.
+"""A rendered template's JSON, parsed into a typed certificate description.
 
-This is step-ca's `options.x509.template` with Jinja2 in place of Go templates. The template is
-operator configuration; what it reads may not be: `Insecure.*` holds what the requester sent
-(CSR names, request templateData) and a template that copies it into the certificate does so
-on purpose. The template runs in Jinja2's immutable sandbox with no loader, no `_` attributes,
-no `self`, and undefined names as errors. The JSON it produces is parsed into typed cryptography
-objects here, and anything that would make a CA certificate is refused.
+The JSON a template produces is step's certificate shape (subject, sans, keyUsage, extKeyUsage,
+basicConstraints, crlDistributionPoints, extensions), matched case-insensitively as Go's
+encoding/json does. It is parsed into cryptography objects here, and anything that would make a
+CA certificate, or forge what the issuer writes itself, is refused with a BadRequest that says
+which field is wrong.
 """
 
 from __future__ import annotations
@@ -13,36 +12,20 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
-from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appliance import strict_json
-from appliance.errors import BadRequest, ConfigError
+from appliance.errors import BadRequest
 from appliance.issuance.names import canonical_san, normalise_dns, parse_san
 from appliance.issuance.provisioner_ext import PROVISIONER_OID
 
-MAX_TEMPLATE_BYTES = 64 * 1024
-MAX_OUTPUT_BYTES = 64 * 1024
-# Bounds a single `*`, `+` or `**` in a template: a string or list of at most this many items, an
-# integer of at most this many bits. Without it one expression could allocate gigabytes.
-MAX_VALUE_SIZE = 64 * 1024
-
-DEFAULT_LEAF_SOURCE = """{
-    "subject": {{ Subject | toJson }},
-    "sans": {{ SANs | toJson }}
-}
-"""
+__all__ = ["CertificateDescription", "describe"]
 
 # The output fields, keyed by their lowercase form: Go's encoding/json (which step uses) matches
 # object keys case-insensitively, so `{{ Subject | toJson }}` ({"CommonName": ...}) is a subject.
@@ -123,314 +106,6 @@ class CertificateDescription:
     extensions: tuple[x509.Extension[x509.ExtensionType], ...]
 
 
-@dataclass(frozen=True)
-class TemplateData:
-    """The values a template sees; `csr_*` and `user` come from the requester and are untrusted."""
-
-    subject: str
-    sans: tuple[str, ...]
-    token: Mapping[str, Any]
-    csr_subject: str | None
-    csr_sans: tuple[str, ...]
-    user: Mapping[str, Any]
-    provisioner_data: Mapping[str, Any]
-
-
-class _TemplateFailure(Exception):
-    """Raised by `fail("...")` in a template: the message is for the requester."""
-
-
-class _Refused(BadRequest):
-    """The template called fail(): a deliberate answer, not a broken template."""
-
-
-class _OutputTooLarge(Exception):
-    pass
-
-
-class _ValueTooLarge(Exception):
-    pass
-
-
-class _SampleMapping(dict[str, Any]):
-    """Sample Token/User/Data for check(): any key a template reads has a placeholder string."""
-
-    def __missing__(self, key: str) -> str:
-        return f"sample-{key}"
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key]  # a key the template asks for always exists in the sample
-
-
-def _to_json(value: Any) -> str:
-    if isinstance(value, Undefined):
-        value._fail_with_undefined_error()
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_not_json)
-
-
-def _not_json(value: Any) -> NoReturn:
-    if isinstance(value, Undefined):
-        value._fail_with_undefined_error()
-    raise TypeError(f"toJson cannot encode a {type(value).__name__}")
-
-
-def _fail(message: Any = "the template refused the request") -> NoReturn:
-    raise _TemplateFailure(str(message))
-
-
-def _size_of(value: Any) -> int:
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, int):
-        return value.bit_length()
-    if isinstance(value, str | bytes | list | tuple):
-        return len(value)
-    return 0
-
-
-class _TemplateEnvironment(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with `*`, `+` and `**` bounded so one expression cannot eat memory."""
-
-    intercepted_binops = frozenset({"*", "+", "**"})
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and right > 0 and (
-                    max(left.bit_length(), 1) * right > MAX_VALUE_SIZE):
-                raise _ValueTooLarge(operator)
-            return left**right
-        if operator == "*":
-            if isinstance(left, int) and isinstance(right, int):
-                size = left.bit_length() + right.bit_length()
-            elif isinstance(right, int):
-                size = _size_of(left) * right
-            elif isinstance(left, int):
-                size = _size_of(right) * left
-            else:
-                size = 0
-            if size > MAX_VALUE_SIZE:
-                raise _ValueTooLarge(operator)
-            return left * right
-        if _size_of(left) + _size_of(right) > MAX_VALUE_SIZE:
-            raise _ValueTooLarge(operator)
-        return left + right
-
-
-def _environment() -> _TemplateEnvironment:
-    env = _TemplateEnvironment(undefined=StrictUndefined, autoescape=False)
-    env.globals.pop("lipsum", None)  # lipsum(n) is an unbounded text generator and no use here
-    env.globals["toJson"] = _to_json
-    env.globals["fail"] = _fail
-    env.filters["toJson"] = _to_json
-    env.filters["tojson"] = _to_json  # JSON, not HTML-escaped JSON: the output is not a page
-    return env
-
-
-def _static_refusal(tree: nodes.Template) -> tuple[int, str] | None:
-    """Refuse at compile time what the sandbox would only stop at render time, with a line."""
-    for include in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
-        return include.lineno, ("extends, include and import are not available: a template "
-                                "is self-contained")
-    for name in tree.find_all(nodes.Name):
-        if name.name == "self":
-            return name.lineno, "'self' is not available in certificate templates"
-    for getattr_node in tree.find_all(nodes.Getattr):
-        if getattr_node.attr.startswith("_"):
-            return getattr_node.lineno, f"attribute {getattr_node.attr!r} is not accessible"
-    for getitem in tree.find_all(nodes.Getitem):
-        if (isinstance(getitem.arg, nodes.Const) and isinstance(getitem.arg.value, str)
-                and getitem.arg.value.startswith("_")):
-            return getitem.lineno, f"item {getitem.arg.value!r} is not accessible"
-    for filter_node in tree.find_all(nodes.Filter):
-        if filter_node.name == "attr" and any(
-                isinstance(a, nodes.Const) and str(a.value).startswith("_")
-                for a in filter_node.args):
-            return filter_node.lineno, "attributes starting with '_' are not accessible"
-    return None
-
-
-def _template_line(tb: TracebackType | None, filename: str) -> int | None:
-    """The template line an exception came from; Jinja rewrites tracebacks to carry it."""
-    line = None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-
-def _plain(value: Any, what: str) -> Any:
-    """A deep copy holding only JSON types, so a template sees dicts, lists and scalars only."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError, RecursionError):
-        raise BadRequest(f"{what} must be JSON data (objects, arrays, strings, numbers)"
-                         ) from None
-
-
-def _san_object(text: str, what: str) -> dict[str, str]:
-    name = parse_san(text)
-    if isinstance(name, x509.IPAddress):
-        return {"type": "ip", "value": str(name.value)}
-    if isinstance(name, x509.RFC822Name):
-        return {"type": "email", "value": name.value}
-    if isinstance(name, x509.UniformResourceIdentifier):
-        return {"type": "uri", "value": name.value}
-    if isinstance(name, x509.DNSName):
-        return {"type": "dns", "value": name.value}
-    raise BadRequest(f"{what} {text!r} is not a DNS name, IP address, e-mail address or URI")
-
-
-def _context(data: TemplateData) -> dict[str, Any]:
-    return {
-        "Subject": {"CommonName": data.subject},
-        "SANs": [_san_object(s, "SAN") for s in data.sans],
-        "Token": _plain(dict(data.token), "token claims"),
-        "Insecure": {
-            "CR": {
-                "Subject": {"CommonName": data.csr_subject},
-                "SANs": [_san_object(s, "certificate request SAN") for s in data.csr_sans],
-            },
-            "User": _plain(dict(data.user), "templateData"),
-        },
-        "Data": _plain(dict(data.provisioner_data), "provisioner templateData"),
-    }
-
-
-class X509Template:
-    """A compiled, sandboxed certificate template; render() it per request."""
-
-    def __init__(self, name: str, render_stream: Callable[[dict[str, Any]], Iterator[str]],
-                 filename: str) -> None:
-        self.name = name
-        self._render_stream = render_stream
-        self._filename = filename
-
-    @classmethod
-    def compile(cls, source: str, *, name: str = "template") -> X509Template:
-        """Parse and compile a template; ConfigError with the line number if it is not valid."""
-        if len(source.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
-            raise ConfigError(f"{name}: template is larger than {MAX_TEMPLATE_BYTES} bytes")
-        env = _environment()
-        filename = f"<certificate template {name}>"
-        try:
-            tree = env.parse(source, name, filename)
-        except TemplateSyntaxError as e:
-            raise ConfigError(f"{name}: line {e.lineno}: {e.message}") from None
-        refusal = _static_refusal(tree)
-        if refusal is not None:
-            raise ConfigError(f"{name}: line {refusal[0]}: {refusal[1]}")
-        try:
-            code = env.compile(tree, name, filename)
-        except TemplateSyntaxError as e:  # some checks (e.g. duplicate blocks) run here
-            raise ConfigError(f"{name}: line {e.lineno}: {e.message}") from None
-        template = env.template_class.from_code(env, code, env.make_globals(None))
-        return cls(name, template.generate, filename)
-
-    @classmethod
-    def default_leaf(cls) -> X509Template:
-        """step's default leaf: subject CN from the authorised subject, SANs as authorised."""
-        return cls.compile(DEFAULT_LEAF_SOURCE, name="default leaf")
-
-    def render(self, data: TemplateData) -> CertificateDescription:
-        """Render for one request; BadRequest saying what went wrong if the result is unusable."""
-        try:
-            return self._render(_context(data))
-        except UnicodeError:
-            raise BadRequest("the template produced text that is not valid Unicode") from None
-        except ValueError as e:
-            # cryptography refuses some values (a malformed URI host, a non-ASCII mailbox):
-            # that is the request's or the template's data, never a server fault.
-            raise BadRequest(f"the template produced an unusable value: {str(e)[:200]}"
-                             ) from None
-
-    def check(self, provisioner_data: Mapping[str, Any] | None = None) -> None:
-        """Render once with sample data; ConfigError if the template cannot produce a leaf.
-
-        Token claims and Insecure.User keys the template reads get placeholder strings, since
-        they vary per request. Data is the provisioner's templateData when given (so a typo in
-        a key is caught), placeholders otherwise. A template that calls fail() on the sample
-        passes: refusing a request is what fail() is for.
-        """
-        sample = TemplateData(
-            subject="check.example.com",
-            sans=("check.example.com", "192.0.2.10"),
-            token={"iss": "check", "sub": "check.example.com", "aud": "https://ca.example.com",
-                   "sans": ["check.example.com", "192.0.2.10"], "jti": "check",
-                   "iat": 0, "nbf": 0, "exp": 0},
-            csr_subject="check.example.com",
-            csr_sans=("check.example.com",),
-            user={},
-            provisioner_data=provisioner_data or {},
-        )
-        context = _context(sample)
-        context["Token"] = _SampleMapping(context["Token"])
-        context["Insecure"]["User"] = _SampleMapping()
-        if provisioner_data is None:
-            context["Data"] = _SampleMapping()
-        try:
-            self._render(context, quote_output=True)
-        except _Refused:
-            return  # fail() on placeholder values is the template doing its job
-        except BadRequest as e:
-            raise ConfigError(f"{self.name}: rendering with sample data failed: {e.message}"
-                              ) from None
-
-    def _render(self, context: dict[str, Any], *, quote_output: bool = False
-                ) -> CertificateDescription:
-        text = self._render_text(context)
-        try:
-            document = strict_json.loads(text)
-        except strict_json.DuplicateKey as e:
-            raise BadRequest(f"template output has the key {e.key!r} twice") from None
-        except strict_json.NonJsonConstant as e:
-            raise BadRequest(f"template output contains {e.name}, which is not JSON") from None
-        except json.JSONDecodeError as e:
-            where = f"{e.msg} at output line {e.lineno} column {e.colno}"
-            lines = text.splitlines()
-            if quote_output and 0 < e.lineno <= len(lines):
-                # Only for the operator at check time: a requester should not be shown the
-                # rendered text (it may hold Data values or object reprs).
-                where += f": {lines[e.lineno - 1].strip()[:80]!r}"
-            raise BadRequest(f"template output is not valid JSON: {where}") from None
-        except RecursionError:
-            raise BadRequest("template output is nested too deeply") from None
-        return _describe(document)
-
-    def _render_text(self, context: dict[str, Any]) -> str:
-        chunks: list[str] = []
-        size = 0
-        try:
-            for chunk in self._render_stream(context):
-                size += len(chunk.encode("utf-8", "surrogatepass"))
-                if size > MAX_OUTPUT_BYTES:
-                    raise _OutputTooLarge
-                chunks.append(chunk)
-        except _OutputTooLarge:
-            raise BadRequest(f"template output is larger than {MAX_OUTPUT_BYTES} bytes"
-                             ) from None
-        except _TemplateFailure as e:
-            raise _Refused(f"the certificate template refused the request: {e}") from None
-        except Exception as e:  # noqa: BLE001 - any error in operator code is a clear 400
-            raise BadRequest(self._render_error(e)) from None
-        return "".join(chunks)
-
-    def _render_error(self, error: Exception) -> str:
-        line = _template_line(error.__traceback__, self._filename)
-        where = f"{self.name} line {line}" if line is not None else self.name
-        if isinstance(error, _ValueTooLarge):
-            detail = f"the result of {error} would be too large"
-        elif isinstance(error, RecursionError):
-            detail = "recursion is too deep"
-        elif isinstance(error, MemoryError):
-            detail = "out of memory"
-        else:
-            # Jinja's messages name the missing variable or unsafe attribute; Python's name the
-            # operation. Neither carries anything the operator did not write.
-            detail = f"{type(error).__name__}: {error}"[:300]
-        return f"certificate template failed at {where}: {detail}"
-
-
 def _fields(obj: dict[str, Any], known: Mapping[str, str], where: str) -> dict[str, Any]:
     """Keys folded to their canonical names; unknown or repeated (in another case) keys refused."""
     out: dict[str, Any] = {}
@@ -454,7 +129,7 @@ def _strings(value: Any, where: str) -> list[str]:
     return items
 
 
-def _describe(document: Any) -> CertificateDescription:
+def describe(document: Any) -> CertificateDescription:
     if not isinstance(document, dict):
         raise BadRequest("template output must be a JSON object")
     fields = _fields(document, _TOP_LEVEL_KEYS, "template output")
