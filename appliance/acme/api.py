@@ -38,12 +38,11 @@ from appliance.acme.nonces import NonceIssuer
 from appliance.acme.problems import AcmeProblem, from_appliance_error
 from appliance.api.app import STATE
 from appliance.authority.authority import Authority
-from appliance.authority.csr import check_csr
 from appliance.authority.lifecycle import RevokeRequest
 from appliance.authority.provisioners.acme import AcmeProvisioner
 from appliance.durations import parse_duration
-from appliance.errors import ApplianceError
-from appliance.issuance.names import normalise_dns, san_to_text
+from appliance.errors import ApplianceError, PolicyViolation
+from appliance.issuance.names import normalise_dns
 from appliance.storage import acme as st
 from appliance.storage.sqlite import SqliteStore, serial_hex
 
@@ -535,18 +534,16 @@ async def new_order(request: web.Request) -> web.Response:
     prov = ctx.provisioner
     # Refuse names outside policy now, with rejectedIdentifier, rather than at finalize.
     names = _identifier_names(identifiers)
-    try:
-        ctx.state.authority.check_policy(prov, x509.Name([]), names)
-    except ApplianceError as e:
-        raise problem("rejectedIdentifier", e.message) from None
     nb = payload.get("notBefore")
     na = payload.get("notAfter")
     if (nb is not None and not isinstance(nb, str)) or (na is not None and not isinstance(na, str)):
         raise problem("malformed", "notBefore and notAfter must be RFC 3339 strings")
-    not_before = not_after = None
-    if nb or na:
-        start, end = ctx.state.authority.validity(prov, nb, na)
-        not_before, not_after = int(start.timestamp()), int(end.timestamp())
+    try:
+        grant = ctx.state.authority.authorize_order(prov, names, nb, na)
+    except PolicyViolation as e:
+        raise problem("rejectedIdentifier", e.message) from None
+    not_before = int(grant.not_before.timestamp()) if grant.not_before else None
+    not_after = int(grant.not_after.timestamp()) if grant.not_after else None
     replaces = payload.get("replaces")
     if replaces is not None:
         await _check_replaces(ctx, replaces, auth.account)
@@ -761,25 +758,17 @@ async def finalize(request: web.Request) -> web.Response:
     except ValueError:
         raise problem("badCSR", "csr is not a DER certificate request") from None
     try:
-        check_csr(csr)
-        subject_cn, sans = _csr_matches_order(ctx, csr, order)
+        plan = ctx.provisioner.authorize_finalize(
+            _identifier_names(order.identifiers), csr,
+            not_before=datetime.fromtimestamp(order.not_before, UTC) if order.not_before else None,
+            not_after=datetime.fromtimestamp(order.not_after, UTC) if order.not_after else None,
+            account_id=auth.account.id)
     except ApplianceError as e:
         raise problem("badCSR", e.message) from None
     if not await ctx.write(st.op_start_finalize(order.id)):
         raise problem("orderNotReady", "the order is already being finalized", 403)
     try:
-        if order.not_before or order.not_after:
-            not_before = datetime.fromtimestamp(order.not_before or time.time(), UTC)
-            not_after = datetime.fromtimestamp(
-                order.not_after or (not_before + ctx.provisioner.claims.default_duration)
-                .timestamp(), UTC)
-        else:
-            not_before, not_after = ctx.state.authority.validity(ctx.provisioner, None, None)
-        issued = await ctx.state.authority.describe_and_issue(
-            ctx.provisioner, csr, subject_cn=subject_cn, sans=sans,
-            san_texts=tuple(san_to_text(n) for n in sans),
-            token_claims={"acme_account": auth.account.id}, user_data={},
-            not_before=not_before, not_after=not_after, token_use=None)
+        issued = await ctx.state.authority.issue(plan)
     except ApplianceError as e:
         p = from_appliance_error(e)
         await ctx.store.run_op(st.op_finish_finalize(order.id, None, p.to_json()))
@@ -795,39 +784,6 @@ async def finalize(request: web.Request) -> web.Response:
     log.info("acme_issued", account=auth.account.id, order=order.id,
              serial=serial_hex(issued.certificate.serial_number))
     return _json(ctx, _order_json(ctx, order), 200, ctx.url("order", order.id))
-
-
-def _csr_matches_order(ctx: Ctx, csr: x509.CertificateSigningRequest, order: st.AcmeOrder
-                       ) -> tuple[str | None, tuple[x509.GeneralName, ...]]:
-    """The CSR must name exactly the order's identifiers; its CN (if any) must be one of them."""
-    from appliance.issuance.names import canonical_san, sans_of
-
-    wanted = _identifier_names(order.identifiers)
-    want = {canonical_san(n) for n in wanted}
-    got = {canonical_san(n) for n in sans_of(csr)}
-    cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else None
-    if cn is not None:
-        cn_names: list[x509.GeneralName] = [x509.DNSName(cn.lower())]
-        try:
-            cn_names = [x509.IPAddress(ipaddress.ip_address(cn))]
-        except ValueError:
-            pass
-        if canonical_san(cn_names[0]) not in want:
-            raise problem("badCSR", f"the CSR common name {cn!r} is not an identifier of the "
-                                    "order")
-        got.add(canonical_san(cn_names[0]))
-    if got != want:
-        extra = sorted(got - want)
-        missing = sorted(want - got)
-        raise problem("badCSR", "the CSR names do not match the order"
-                      + (f"; not in the order: {', '.join(x.split(':', 1)[1] for x in extra)}"
-                         if extra else "")
-                      + (f"; missing: {', '.join(x.split(':', 1)[1] for x in missing)}"
-                         if missing else ""))
-    if cn is None and ctx.provisioner.force_cn:
-        cn = order.identifiers[0]["value"]
-    return cn, wanted
 
 
 async def certificate(request: web.Request) -> web.Response:

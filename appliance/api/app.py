@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from appliance import __version__
 from appliance.api.ratelimit import TokenBuckets
 from appliance.audit import AuditError, AuditEvent
-from appliance.authority.authority import Authority, SignRequest
+from appliance.authority.authority import Authority
+from appliance.authority.requests import SignRequest
 from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
 from appliance.authority.provisioners.jwk import JwkProvisioner
 from appliance.config import CIPHER_SUITES, CaConfig

@@ -1,118 +1,64 @@
-"""The authority: authenticate a request through its provisioner, apply claims and name checks,
-and hand a typed IssuanceRequest to the issuer. Every path to a certificate passes here."""
+"""The authority: route a request to its provisioner, which authorizes it into a SignPlan, and
+turn plans into certificates. `Authority.issue(plan)` is the only way to a certificate:
+
+    validity -> claims -> template (the default leaf is a template too) -> name policy ->
+    key policy -> pre-issuance checks -> Issuer (record, token signature, record)
+
+Nothing else builds an IssuanceRequest (tests/unit/test_layers.py checks it).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.audit import AuditEvent
-from appliance.authority import compact_jws
 from appliance.authority.claims import Claims
-from appliance.authority.compact_jws import CompactJws
-from appliance.authority.csr import parse_csr_pem
-from appliance.authority.lifecycle import RevokeRequest, parse_serial
+from appliance.authority.csr import check_public_key, parse_csr_pem
+from appliance.authority.lifecycle import RevokeRequest
+from appliance.authority.plan import OrderGrant, RequestedValidity, SignPlan
 from appliance.authority.policy import X509NamePolicy
 from appliance.authority.provisioners.acme import AcmeProvisioner
-from appliance.authority.provisioners.base import Provisioner
+from appliance.authority.provisioners.base import Audiences, AuthorizationContext, Provisioner
 from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
+from appliance.authority.provisioners.system import SystemProvisioner
+from appliance.authority.requests import SignRequest, requested_validity
 from appliance.config import CaConfig, JwkProvisionerConfig, ProvisionerConfig, resolve_path
 from appliance.durations import parse_duration
-from appliance.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
+from appliance.errors import (
+    BadRequest,
+    ConfigError,
+    Unauthorized,
+)
 from appliance.issuance.ca_certs import fingerprint
 from appliance.issuance.crl import CrlService
-from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer
-from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
-from appliance.issuance.provisioner_ext import PROVISIONER_OID, provisioner_extension
-from appliance.issuance.templates import TemplateData, X509Template
-from appliance.storage import (
-    AlreadyRevoked,
-    CertificateRecord,
-    CertificateUnknown,
-    Revocation,
-    Store,
-    TokenReused,
-    TokenUse,
+from appliance.issuance.issuer import (
+    ISSUER_SET_EXTENSIONS,
+    IssuanceRequest,
+    IssuedCertificate,
+    Issuer,
 )
+from appliance.issuance.names import san_to_text
+from appliance.issuance.templates import CertificateDescription, X509Template
+from appliance.jose import jws as jose_jws
+from appliance.jose.jws import CompactJws
+from appliance.storage import CertificateRecord, Revocation, Store, TokenUse
 
 log = structlog.get_logger("appliance.authority")
 
 REFUSED_ALGS = {"none", "HS256", "HS384", "HS512"}
-# Set anew on every renewal (by the issuer, the authority or the renewal itself); any other
-# extension of the old certificate, e.g. one its template added, carries over, as in step-ca.
-REISSUED_EXTENSIONS = frozenset({
-    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
-    ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
-    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.BASIC_CONSTRAINTS,
-    ExtensionOID.CRL_DISTRIBUTION_POINTS, PROVISIONER_OID,
-})
-# Certificate times are bounded long before datetime arithmetic could overflow.
-MAX_TIME_OFFSET = timedelta(days=365 * 100)
-MAX_CN_LENGTH = 64
-
-
-@dataclass(frozen=True)
-class SignRequest:
-    """The body of POST /sign, type-checked but not yet trusted."""
-
-    untrusted_csr: str
-    untrusted_ott: str
-    untrusted_not_before: str | None = None
-    untrusted_not_after: str | None = None
-    untrusted_template_data: dict[str, Any] | None = None
-
-    @classmethod
-    def from_json(cls, body: Any) -> SignRequest:
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        csr, ott = body.get("csr"), body.get("ott")
-        if not isinstance(csr, str) or not csr:
-            raise BadRequest("missing csr: a PEM certificate request is required")
-        if not isinstance(ott, str) or not ott:
-            raise BadRequest("missing ott: a one-time token is required")
-        nb, na = body.get("notBefore"), body.get("notAfter")
-        for field, v in (("notBefore", nb), ("notAfter", na)):
-            if v is not None and not isinstance(v, str):
-                raise BadRequest(f"{field} must be an RFC 3339 time or a duration string")
-        template_data = body.get("templateData")
-        if template_data is not None and not isinstance(template_data, dict):
-            raise BadRequest("templateData must be a JSON object")
-        return cls(csr, ott, nb or None, na or None, template_data)
-
-
-def parse_time_or_duration(untrusted: str, field: str, now: datetime) -> datetime:
-    """step's TimeDuration: an RFC 3339 time, or a duration from now such as "1h" or "+90m"."""
-    value = untrusted.strip()
-    try:
-        delta = parse_duration(value)
-    except ValueError:
-        delta = None
-    if delta is not None:
-        if abs(delta) > MAX_TIME_OFFSET:
-            raise BadRequest(f"{field} {untrusted[:40]!r} is too far from now")
-        return now + delta
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"{field} {untrusted!r} is neither an RFC 3339 time nor a duration"
-                         ) from None
-    if parsed.tzinfo is None:
-        raise BadRequest(f"{field} must carry a time zone (e.g. Z)")
-    parsed = parsed.astimezone(UTC)
-    if abs(parsed - now) > MAX_TIME_OFFSET:
-        raise BadRequest(f"{field} {untrusted[:40]!r} is too far from now")
-    return parsed
+DEFAULT_EXT_KEY_USAGE = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+# A requested notBefore may lie this far in the past, no further.
+MAX_BACKDATE_REQUEST = timedelta(days=1)
 
 
 def audiences_for(config: CaConfig, path: str) -> list[str]:
@@ -165,6 +111,7 @@ class Authority:
         self.root = root
         self.root_fingerprint = fingerprint(root)
         self._clock = clock
+        self.system = SystemProvisioner()
         self.reload(config)
 
     def reload(self, config: CaConfig) -> None:
@@ -183,42 +130,30 @@ class Authority:
         self.revoke_audiences = audiences_for(config, "/revoke")
         self.renew_audiences = audiences_for(config, "/renew")
         self.rekey_audiences = audiences_for(config, "/rekey")
+        self.context = AuthorizationContext(
+            root_fingerprint=self.root_fingerprint,
+            audiences=Audiences(tuple(self.sign_audiences), tuple(self.revoke_audiences),
+                                tuple(self.renew_audiences), tuple(self.rekey_audiences)),
+            clock=self._clock, backdate=self.backdate)
         self.crl = CrlService(self.issuer, self.store, config.crl, self._clock)
         self._crl_dp = (x509.CRLDistributionPoints([x509.DistributionPoint(
             full_name=[x509.UniformResourceIdentifier(config.crl_url())], relative_name=None,
             reasons=None, crl_issuer=None)]) if config.crl.enabled else None)
 
-    def check_policy(self, provisioner: Provisioner, subject: x509.Name,
-                     sans: tuple[x509.GeneralName, ...]) -> None:
-        """The names must pass the authority's policy and the provisioner's; deny wins."""
-        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else None
-        self.policy.check(cn, sans)
-        provisioner.policy.check(cn, sans)
-
     def provisioner_named(self, name: str) -> Provisioner | None:
         return next((p for p in self.provisioners if p.name == name), None)
-
-    def common_extensions(self, provisioner: Provisioner
-                          ) -> tuple[x509.Extension[x509.ExtensionType], ...]:
-        """What every certificate carries: who authorised it, and where its CRL is."""
-        exts: list[x509.Extension[x509.ExtensionType]] = [
-            provisioner_extension(provisioner.type, provisioner.name,
-                                  provisioner.credential_id)]
-        if self._crl_dp is not None:
-            exts.append(x509.Extension(self._crl_dp.oid, False, self._crl_dp))
-        return tuple(exts)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC).replace(microsecond=0)
 
+    # -- routing and authorization -------------------------------------------------------------
     def provisioner_for_token(self, untrusted_ott: str) -> tuple[JwkProvisioner, CompactJws]:
         """The provisioner a one-time token names, and the token parsed (once) for it."""
         if len(untrusted_ott) > MAX_TOKEN_BYTES:
             raise BadRequest(f"token is larger than {MAX_TOKEN_BYTES} bytes")
         # The header only routes the token; the provisioner's verification checks iss, the
         # signature and everything else.
-        token = compact_jws.parse(untrusted_ott)
+        token = jose_jws.parse_compact(untrusted_ott)
         alg = token.alg
         if alg in REFUSED_ALGS or alg.lower() == "none":
             raise Unauthorized(f"token algorithm {alg!r} is not allowed")
@@ -231,105 +166,112 @@ class Authority:
         return provisioner, token
 
     async def sign(self, request: SignRequest) -> tuple[IssuedCertificate, str]:
-        """Authorise and issue; return the certificate and the provisioner's name."""
-        provisioner, parsed = self.provisioner_for_token(request.untrusted_ott)
-        token = provisioner.verify_token(parsed, self.sign_audiences,
-                                         self.root_fingerprint, now=self._clock())
-        csr = parse_csr_pem(request.untrusted_csr)
+        """POST /sign: authorise by the token's provisioner and issue; (certificate, name)."""
+        provisioner, token = self.provisioner_for_token(request.untrusted_ott)
+        plan = provisioner.authorize_sign(request, self.context, token)
+        return await self.issue(plan), provisioner.name
 
-        if len(token.subject) > MAX_CN_LENGTH:
-            raise BadRequest(f"subject is longer than {MAX_CN_LENGTH} characters")
-        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if cns and cns[0].value != token.subject:
-            raise Forbidden(f"certificate request common name {cns[0].value!r} does not match "
-                            f"the token subject {token.subject!r}")
-        token_sans = [parse_san(s) for s in token.sans]
-        allowed = {canonical_san(n) for n in token_sans}
-        for name in sans_of(csr):
-            if canonical_san(name) not in allowed:
-                raise Forbidden(f"certificate request name {san_to_text(name)!r} is not among "
-                                f"the token's names {list(token.sans)}")
+    def authorize_order(self, provisioner: AcmeProvisioner, names: tuple[x509.GeneralName, ...],
+                        untrusted_not_before: str | None, untrusted_not_after: str | None
+                        ) -> OrderGrant:
+        """ACME new-order: names outside policy are refused now (rejectedIdentifier), not at
+        finalize; a requested validity is checked against the claims and recorded."""
+        self._check_names(provisioner, x509.Name([]), names)
+        requested = requested_validity(untrusted_not_before, untrusted_not_after, self._now())
+        if requested.not_before is None and requested.not_after is None:
+            return OrderGrant(names, None, None)
+        not_before, not_after = self._validity(provisioner, requested)
+        return OrderGrant(names, not_before, not_after)
 
-        not_before, not_after = self.validity(provisioner, request.untrusted_not_before,
-                                              request.untrusted_not_after)
-        issued = await self.describe_and_issue(
-            provisioner, csr,
-            subject_cn=token.subject, sans=tuple(token_sans), san_texts=token.sans,
-            token_claims=token.raw, user_data=request.untrusted_template_data or {},
-            not_before=not_before, not_after=not_after,
-            token_use=TokenUse(provisioner.name, token.jti, token.expires_at))
-        return issued, provisioner.name
+    async def issue_server_tls(self, public_key: CertificatePublicKeyTypes,
+                               dns_names: list[str]) -> IssuedCertificate:
+        """The CA's own TLS certificate, authorized by its system provisioner."""
+        return await self.issue(self.system.authorize_server_tls(public_key, dns_names,
+                                                                 self.context))
 
-    def validity(self, provisioner: Provisioner, untrusted_not_before: str | None,
-                 untrusted_not_after: str | None) -> tuple[datetime, datetime]:
+    # -- the one pipeline ----------------------------------------------------------------------
+    async def issue(self, plan: SignPlan) -> IssuedCertificate:
+        """Validity, claims, template, name and key policy, pre-issuance checks; then the issuer."""
+        provisioner = plan.provisioner
+        not_before, not_after = self._validity(provisioner, plan.validity)
+        description = plan.description or provisioner.template.describe(plan)
+        self._check_names(provisioner, description.subject, description.sans)
+        check_public_key(plan.public_key)
+        extensions = self._extensions(provisioner, description)
+        return await self.issuer.issue(IssuanceRequest(
+            subject=description.subject,
+            sans=description.sans,
+            public_key=plan.public_key,
+            not_before=not_before,
+            not_after=not_after,
+            provisioner=provisioner.name,
+            token_use=plan.token_use,
+            key_usage=description.key_usage,
+            ext_key_usage=description.ext_key_usage or DEFAULT_EXT_KEY_USAGE,
+            extra_extensions=extensions,
+            audit_event=plan.audit_event,
+        ))
+
+    def _validity(self, provisioner: Provisioner, requested: RequestedValidity
+                  ) -> tuple[datetime, datetime]:
         """Requested (or default) validity, checked against the provisioner's claims."""
-        now = datetime.fromtimestamp(self._clock(), UTC).replace(microsecond=0)
-        not_before = (parse_time_or_duration(untrusted_not_before, "notBefore", now)
-                      if untrusted_not_before else now)
-        not_after = (parse_time_or_duration(untrusted_not_after, "notAfter", not_before)
-                     if untrusted_not_after
-                     else not_before + provisioner.claims.default_duration)
+        intermediate_end = self.issuer.certificate.not_valid_after_utc
+        if requested.fixed:
+            assert requested.not_before is not None and requested.not_after is not None
+            return requested.not_before, min(requested.not_after, intermediate_end)
+        now = self._now()
+        not_before = requested.not_before or now
+        not_after = requested.not_after or not_before + provisioner.claims.default_duration
         if not_after <= not_before:
             raise BadRequest("notAfter must be after notBefore")
         provisioner.claims.check_duration(not_after - not_before)
-        if not untrusted_not_before:
+        if requested.not_before is None:
             not_before -= self.backdate  # absorb clock skew of relying parties
-        if not_after > self.issuer.certificate.not_valid_after_utc:
-            raise BadRequest("requested notAfter is after the intermediate certificate expires")
-        if not_before < now - timedelta(days=1) and untrusted_not_before:
+        elif not_before < now - MAX_BACKDATE_REQUEST:
             raise BadRequest("notBefore may not be more than a day in the past")
+        if not_after > intermediate_end:
+            raise BadRequest("requested notAfter is after the intermediate certificate expires")
         return not_before, not_after
 
-    async def describe_and_issue(
-        self, provisioner: Provisioner, csr: x509.CertificateSigningRequest, *,
-        subject_cn: str | None, sans: tuple[x509.GeneralName, ...], san_texts: tuple[str, ...],
-        token_claims: dict[str, Any], user_data: dict[str, Any], not_before: datetime,
-        not_after: datetime, token_use: TokenUse | None,
-    ) -> IssuedCertificate:
-        """Template (or the default leaf), then policy, then the issuer: every path ends here."""
-        extensions = self.common_extensions(provisioner)
-        if provisioner.template is None:
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]
-                                if subject_cn else [])
-            key_usage: x509.KeyUsage | None = None
-            eku = IssuanceRequest.ext_key_usage
-        else:
-            cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            desc = provisioner.template.render(TemplateData(
-                subject=subject_cn or "", sans=san_texts, token=token_claims,
-                csr_subject=str(cns[0].value) if cns else None,
-                csr_sans=tuple(san_to_text(n) for n in sans_of(csr)),
-                user=user_data, provisioner_data=provisioner.template_data))
-            subject, sans, key_usage = desc.subject, desc.sans, desc.key_usage
-            eku = desc.ext_key_usage or IssuanceRequest.ext_key_usage
-            if desc.crl_distribution_points:  # the template's CRL location replaces ours
-                dp = x509.CRLDistributionPoints([x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(u)
-                               for u in desc.crl_distribution_points],
-                    relative_name=None, reasons=None, crl_issuer=None)])
-                extensions = tuple(e for e in extensions if e.oid != dp.oid) + (
-                    x509.Extension(dp.oid, False, dp),)
-            extensions += desc.extensions
-
+    def _check_names(self, provisioner: Provisioner, subject: x509.Name,
+                     sans: tuple[x509.GeneralName, ...]) -> None:
+        """The names must be text, and pass the authority's policy and the provisioner's."""
         try:
             subject.rfc4514_string().encode("utf-8")
             for name in sans:
                 san_to_text(name).encode("utf-8")
         except UnicodeEncodeError:
             raise BadRequest("names must be valid Unicode text") from None
-        self.check_policy(provisioner, subject, sans)
-        return await self.issuer.issue(IssuanceRequest(
-            subject=subject,
-            sans=sans,
-            public_key=csr.public_key(),
-            not_before=not_before,
-            not_after=not_after,
-            provisioner=provisioner.name,
-            token_use=token_use,
-            key_usage=key_usage,
-            ext_key_usage=eku,
-            extra_extensions=extensions,
-        ))
+        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else None
+        if provisioner.under_authority_policy:
+            self.policy.check(cn, sans)
+        provisioner.policy.check(cn, sans)
+
+    def _extensions(self, provisioner: Provisioner, description: CertificateDescription
+                    ) -> tuple[x509.Extension[x509.ExtensionType], ...]:
+        """Who authorised it and where its CRL is (a template's CRL location replaces ours),
+        then the description's own; each extension at most once, none the issuer sets."""
+        extensions: list[x509.Extension[x509.ExtensionType]] = []
+        named = provisioner.certificate_extension()
+        if named is not None:
+            extensions.append(named)
+        if description.crl_distribution_points:
+            dp = x509.CRLDistributionPoints([x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(u)
+                           for u in description.crl_distribution_points],
+                relative_name=None, reasons=None, crl_issuer=None)])
+            extensions.append(x509.Extension(dp.oid, False, dp))
+        elif self._crl_dp is not None:
+            extensions.append(x509.Extension(self._crl_dp.oid, False, self._crl_dp))
+        extensions += description.extensions
+        seen: set[x509.ObjectIdentifier] = set()
+        for ext in extensions:
+            if ext.oid in seen or ext.oid in ISSUER_SET_EXTENSIONS:
+                raise BadRequest("the certificate cannot be built: extension "
+                                 f"{ext.oid.dotted_string} would appear twice")
+            seen.add(ext.oid)
+        return tuple(extensions)
 
     # -- lifecycle of an issued certificate --------------------------------------------------
     async def recorded(self, cert: x509.Certificate) -> CertificateRecord:
@@ -344,8 +286,7 @@ class Authority:
                                ) from None
         return record
 
-    async def _renewable(self, cert: x509.Certificate, *, allow_expired: bool
-                         ) -> tuple[CertificateRecord, Provisioner]:
+    async def _renewable(self, cert: x509.Certificate) -> Provisioner:
         record = await self.recorded(cert)
         if await self.store.get_revocation(cert.serial_number) is not None:
             raise Unauthorized("the certificate has been revoked")
@@ -353,54 +294,16 @@ class Authority:
         if provisioner is None:
             raise Unauthorized(f"the provisioner {record.provisioner!r} that authorised this "
                                "certificate no longer exists")
-        if provisioner.claims.disable_renewal:
-            raise Forbidden(f"renewal is disabled for provisioner {provisioner.name!r}")
-        if self._now() > cert.not_valid_after_utc:
-            if not allow_expired:
-                raise Unauthorized("the certificate has expired; renew it with an x5c token "
-                                   "where the provisioner allows renewal after expiry")
-            if not provisioner.claims.allow_renewal_after_expiry:
-                raise Unauthorized(
-                    f"the certificate expired at {cert.not_valid_after_utc.isoformat()} and "
-                    f"provisioner {provisioner.name!r} does not allow renewal after expiry")
-        return record, provisioner
+        return provisioner
 
     async def renew(self, cert: x509.Certificate, *, token_use: TokenUse | None = None,
                     new_public_key: CertificatePublicKeyTypes | None = None
                     ) -> tuple[IssuedCertificate, str]:
         """Same subject, names and lifetime length, starting now (step-ca's arithmetic)."""
-        _, provisioner = await self._renewable(cert, allow_expired=token_use is not None)
-        duration = cert.not_valid_after_utc - cert.not_valid_before_utc
-        now = self._now()
-        not_after = now + duration - self.backdate
-        if not_after > self.issuer.certificate.not_valid_after_utc:
-            not_after = self.issuer.certificate.not_valid_after_utc
-        try:
-            sans = tuple(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                         .value)
-        except x509.ExtensionNotFound:
-            sans = ()
-        try:
-            eku = tuple(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-        except x509.ExtensionNotFound:
-            eku = ()
-        try:
-            ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
-                x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            ku = None
-        self.check_policy(provisioner, cert.subject, sans)
-        public_key = new_public_key or cert.public_key()
-        if new_public_key is not None:
-            ku = None  # keyEncipherment follows the new key's type
-        issued = await self.issuer.issue(IssuanceRequest(
-            audit_event="cert.rekey" if new_public_key is not None else "cert.renew",
-            subject=cert.subject, sans=sans, public_key=public_key,
-            not_before=now - self.backdate, not_after=not_after, provisioner=provisioner.name,
-            token_use=token_use, key_usage=ku, ext_key_usage=eku or IssuanceRequest.ext_key_usage,
-            extra_extensions=self.common_extensions(provisioner) + tuple(
-                e for e in cert.extensions if e.oid not in REISSUED_EXTENSIONS)))
-        return issued, provisioner.name
+        provisioner = await self._renewable(cert)
+        plan = provisioner.authorize_renew(cert, self.context, token_use=token_use,
+                                           new_public_key=new_public_key)
+        return await self.issue(plan), provisioner.name
 
     async def rekey(self, cert: x509.Certificate, untrusted_csr: str,
                     token_use: TokenUse | None = None) -> tuple[IssuedCertificate, str]:
@@ -415,13 +318,10 @@ class Authority:
         """Revoke by a provisioner's revoke token, or by the certificate itself (mTLS, or an
         ACME revokeCert whose caller has proven the right to it: `method` says which)."""
         if request.untrusted_ott:
-            provisioner, parsed = self.provisioner_for_token(request.untrusted_ott)
-            token = provisioner.verify_token(parsed, self.revoke_audiences,
-                                             self.root_fingerprint, now=self._clock())
-            if parse_serial(token.subject) != request.serial:
-                raise Unauthorized("the revoke token's subject is not the serial to revoke")
+            provisioner, token = self.provisioner_for_token(request.untrusted_ott)
+            token_use: TokenUse | None = provisioner.authorize_revoke(request, self.context,
+                                                                      token)
             who, method = provisioner.name, "token"
-            token_use: TokenUse | None = TokenUse(provisioner.name, token.jti, token.expires_at)
         elif peer is not None:
             if peer.serial_number != request.serial:
                 raise Unauthorized("over mTLS a certificate can revoke only itself")
@@ -430,19 +330,9 @@ class Authority:
         else:
             raise Unauthorized("revocation needs a revoke token (ott) or the certificate "
                                "itself over mTLS")
-        try:
-            await self.store.revoke(Revocation(
-                serial=request.serial, reason_code=request.reason_code, reason=request.reason,
-                revoked_at=self._now(), provisioner=who, method=method, token_use=token_use))
-        except CertificateUnknown:
-            raise NotFound(f"no certificate with serial {request.serial} was issued by this CA"
-                           ) from None
-        except AlreadyRevoked:
-            raise BadRequest(f"certificate with serial {request.serial} is already revoked"
-                             ) from None
-        except TokenReused:
-            raise Unauthorized("token already used: one-time tokens cannot be replayed"
-                               ) from None
+        await self.store.revoke(Revocation(
+            serial=request.serial, reason_code=request.reason_code, reason=request.reason,
+            revoked_at=self._now(), provisioner=who, method=method, token_use=token_use))
         await self.issuer.record(AuditEvent(
             "cert.revoke", "success", f"{method}:{who}",
             {"serial": format(request.serial, "x"), "reason_code": request.reason_code,

@@ -19,7 +19,7 @@ async def seal_new_ca(config_path: Path, issuer_pin: str, quorum: tuple[int, int
     # certificate now, from the intermediate (renewed while unsealed).
     runtime = await open_runtime(config_path, issuer_pin)
     try:
-        chain, key, _ = await issue_server_certificate(runtime.issuer, config.dns_names)
+        chain, key, _ = await issue_server_certificate(runtime.authority, config.dns_names)
     finally:
         await runtime.close()
     save_server_tls(resolve_path(home, config.unlock.tls_dir), chain, key)

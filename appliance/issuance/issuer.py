@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
 )
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from appliance.audit import AuditError, AuditEvent, AuditLog, Signer, sign_message
 from appliance.errors import ApplianceError, Unauthorized, Unavailable
@@ -34,8 +34,19 @@ T = TypeVar("T")
 MAX_BATCH = 64  # requests one cycle takes from the queue
 log = structlog.get_logger("appliance.issuance")
 
+# The extensions `_build` sets itself; a request's extra extensions may not repeat them.
+ISSUER_SET_EXTENSIONS = frozenset({
+    ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+})
+
 # Runs a blocking callable on the thread that owns the token session.
 SigningRunner = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+
+class CertificateNotBuilt(ApplianceError):
+    """cryptography refused the certificate's content (a bug above: the pipeline checks it)."""
 
 
 @dataclass(frozen=True)
@@ -225,10 +236,15 @@ class Issuer:
             built = [e] * len(reserved)
         now_signed: list[tuple[_Job, bytes]] = []
         unsigned: list[_Job] = []
+        unbuilt: list[tuple[_Job, CertificateNotBuilt]] = []
         for job, outcome in zip(reserved, built, strict=True):
             if isinstance(outcome, x509.Certificate):
                 job.certificate = outcome
                 now_signed.append((job, outcome.public_bytes(serialization.Encoding.DER)))
+            elif isinstance(outcome, CertificateNotBuilt):
+                log.error("certificate_not_built", serial=format(job.serial, "x"),
+                          reason=outcome.message)
+                unbuilt.append((job, outcome))
             else:
                 log.error("token_sign_failed", serial=format(job.serial, "x"),
                           error=type(outcome).__name__)
@@ -240,6 +256,13 @@ class Issuer:
                                         for job in unsigned])
             for job in unsigned:
                 job.fail(Unavailable("the token could not sign the certificate; try again"))
+        if unbuilt:
+            await self._store.record_failures([job.serial for job, _ in unbuilt])
+            with contextlib.suppress(Unavailable):
+                await self.record_many([job.audit_event("failure", refusal.message)
+                                        for job, refusal in unbuilt])
+            for job, refusal in unbuilt:
+                job.fail(refusal)
         return now_signed
 
     def _build_many(self, jobs: list[_Job]) -> list[x509.Certificate | Exception]:
@@ -303,6 +326,13 @@ class Issuer:
         return crl
 
     def _build(self, request: IssuanceRequest, serial: int) -> x509.Certificate:
+        try:
+            builder = self._builder(request, serial)
+        except (ValueError, TypeError) as e:  # cryptography's refusal, before any signature
+            raise CertificateNotBuilt(f"the certificate could not be built: {e}") from None
+        return builder.sign(self._key, self._hash)  # type: ignore[arg-type]
+
+    def _builder(self, request: IssuanceRequest, serial: int) -> x509.CertificateBuilder:
         san_critical = len(request.subject) == 0
         builder = (
             x509.CertificateBuilder()
@@ -325,4 +355,4 @@ class Issuer:
                                             critical=san_critical)
         for ext in request.extra_extensions:
             builder = builder.add_extension(ext.value, critical=ext.critical)
-        return builder.sign(self._key, self._hash)  # type: ignore[arg-type]
+        return builder

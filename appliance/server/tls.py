@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import os
 import ssl
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from appliance.authority.authority import Authority
 from appliance.config import CIPHER_SUITES, TlsConfig
 from appliance.fileio import write_atomic
-from appliance.issuance.issuer import IssuanceRequest, Issuer
-from appliance.issuance.names import parse_san
 
-TLS_LIFETIME = timedelta(hours=24)
-TLS_PROVISIONER = "appliance-tls"
 _VERSIONS = {1.2: ssl.TLSVersion.TLSv1_2, 1.3: ssl.TLSVersion.TLSv1_3}
 
 
-async def issue_server_certificate(issuer: Issuer, dns_names: list[str]
+async def issue_server_certificate(authority: Authority, dns_names: list[str]
                                    ) -> tuple[bytes, bytes, datetime]:
-    """A fresh key and a 24-hour certificate for the configured names: (chain PEM, key PEM, end)."""
+    """A fresh key and a 24-hour certificate for the configured names: (chain PEM, key PEM, end).
+
+    The authority's system provisioner authorizes it; it takes the way every certificate takes.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC).replace(microsecond=0)
-    issued = await issuer.issue(IssuanceRequest(
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]),
-        sans=tuple(parse_san(n) for n in dns_names),
-        public_key=key.public_key(),
-        not_before=now - timedelta(minutes=1),
-        not_after=now + TLS_LIFETIME,
-        provisioner=TLS_PROVISIONER,
-        ext_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
-    ))
+    issued = await authority.issue_server_tls(key.public_key(), dns_names)
     chain = "".join(issued.pem_chain()).encode()
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())

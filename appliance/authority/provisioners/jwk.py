@@ -14,22 +14,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
 
-from appliance.authority import compact_jws
 from appliance.authority.claims import Claims
-from appliance.authority.compact_jws import CompactJws
-from appliance.authority.provisioners.base import Provisioner
+from appliance.authority.csr import parse_csr_pem
+from appliance.authority.lifecycle import RevokeRequest, parse_serial
+from appliance.authority.plan import SignPlan
+from appliance.authority.provisioners.base import AuthorizationContext, Provisioner
 from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
+from appliance.authority.requests import SignRequest, requested_validity
 from appliance.config import JwkProvisionerConfig
-from appliance.errors import BadRequest, Unauthorized
+from appliance.errors import BadRequest, Forbidden, Unauthorized
+from appliance.issuance.names import canonical_san, parse_san, san_to_text, sans_of
 from appliance.issuance.templates import X509Template
+from appliance.jose import jwk as jose_jwk
+from appliance.jose import jws as jose_jws
+from appliance.jose.jws import CompactJws
+from appliance.storage import TokenUse
 
 LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_LIFETIME = 300
 MAX_TOKEN_LIFETIME = 3600
 MAX_TOKEN_BYTES = 8192
+MAX_CN_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class JwkProvisioner(Provisioner):
         super().__init__(config, claims, template)
         self.kid = str(config.key["kid"])
         self.alg = jwk_alg(config.key)
-        self._public_key = jwt.PyJWK(dict(config.key), algorithm=self.alg).key
+        self._public_key = jose_jwk.public_key(dict(config.key), self.alg, "provisioner key")
 
     def verify_token(
         self, untrusted_token: str | CompactJws, audiences: list[str], root_fingerprint: str,
@@ -61,17 +69,17 @@ class JwkProvisioner(Provisioner):
     ) -> TokenClaims:
         """Check a token the authority has routed here by its kid (and alg): signature with
         the provisioner's one algorithm, iss, audience, times, lifetime, sha, subject, jti."""
-        token = (compact_jws.parse(untrusted_token) if isinstance(untrusted_token, str)
+        token = (jose_jws.parse_compact(untrusted_token) if isinstance(untrusted_token, str)
                  else untrusted_token)
-        claims = compact_jws.verify(token, self._public_key, self.alg)
+        claims = jose_jws.verify_compact(token, self._public_key, self.alg)
         for name in ("exp", "iss", "aud", "sub", "jti"):
             if claims.get(name) is None:
                 raise Unauthorized(f"token is missing the {name!r} claim")
         now = time.time() if now is None else now
         for name in ("iat", "nbf"):
-            if name in claims and compact_jws.claim_time(claims, name) > now + LEEWAY_SECONDS:
+            if name in claims and jose_jws.claim_time(claims, name) > now + LEEWAY_SECONDS:
                 raise Unauthorized("token is not yet valid (nbf or iat is in the future)")
-        exp = compact_jws.claim_time(claims, "exp")
+        exp = jose_jws.claim_time(claims, "exp")
         if exp <= now - LEEWAY_SECONDS:
             raise Unauthorized("token has expired")
         if claims["iss"] != self.name:
@@ -107,6 +115,44 @@ class JwkProvisioner(Provisioner):
     def credential_id(self) -> str:
         return self.kid
 
+    def authorize_sign(self, request: SignRequest, context: AuthorizationContext,
+                       token: CompactJws | None = None) -> SignPlan:
+        """The token is this provisioner's, unexpired and for /sign; the CSR asks for the token's
+        subject and names only. The jti is recorded with the certificate (single use)."""
+        claims = self.verify_token(token or request.untrusted_ott, list(context.audiences.sign),
+                                   context.root_fingerprint, now=context.clock())
+        csr = parse_csr_pem(request.untrusted_csr)
+        if len(claims.subject) > MAX_CN_LENGTH:
+            raise BadRequest(f"subject is longer than {MAX_CN_LENGTH} characters")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if cns and cns[0].value != claims.subject:
+            raise Forbidden(f"certificate request common name {cns[0].value!r} does not match "
+                            f"the token subject {claims.subject!r}")
+        token_sans = tuple(parse_san(s) for s in claims.sans)
+        allowed = {canonical_san(n) for n in token_sans}
+        for name in sans_of(csr):
+            if canonical_san(name) not in allowed:
+                raise Forbidden(f"certificate request name {san_to_text(name)!r} is not among "
+                                f"the token's names {list(claims.sans)}")
+        return SignPlan(
+            provisioner=self, public_key=csr.public_key(), subject=claims.subject,
+            sans=token_sans, csr=csr, trusted_data=claims.raw,
+            untrusted_data=request.untrusted_template_data or {},
+            validity=requested_validity(request.untrusted_not_before,
+                                        request.untrusted_not_after, context.now()),
+            token_use=TokenUse(self.name, claims.jti, claims.expires_at))
+
+    def authorize_revoke(self, request: RevokeRequest, context: AuthorizationContext,
+                         token: CompactJws | None = None) -> TokenUse:
+        """A revoke token of this provisioner whose subject is the serial to revoke."""
+        assert request.untrusted_ott is not None
+        claims = self.verify_token(token or request.untrusted_ott,
+                                   list(context.audiences.revoke), context.root_fingerprint,
+                                   now=context.clock())
+        if parse_serial(claims.subject) != request.serial:
+            raise Unauthorized("the revoke token's subject is not the serial to revoke")
+        return TokenUse(self.name, claims.jti, claims.expires_at)
+
 
 @dataclass(frozen=True)
 class TokenSigner:
@@ -140,5 +186,4 @@ class TokenSigner:
         }
         if root_fingerprint:
             payload["sha"] = root_fingerprint
-        return jwt.encode(payload, self.key, algorithm=self.alg,  # type: ignore[arg-type]
-                          headers={"kid": self.kid, "typ": "JWT"})
+        return jose_jws.sign_compact(payload, self.key, self.alg, {"kid": self.kid, "typ": "JWT"})

@@ -1,42 +1,32 @@
-"""Provisioner keys: JWK generation, RFC 7638 kids, and the password-encrypted private key (JWE).
+"""Provisioner keys: generation, the public JWK with its RFC 7638 kid, the encrypted private key.
 
-The private key is stored as a compact JWE (PBES2-HS256+A128KW, A256GCM), the form step uses,
-so `applianctl token` can fetch it from /provisioners/{kid}/encrypted-key and decrypt it locally.
+The private key is stored as the password-encrypted JWE step uses (appliance.jose.jwe), so
+`applianctl token` can fetch it from /provisioners/{kid}/encrypted-key and decrypt it locally.
 The server never decrypts it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import jwcrypto.jwa
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from jwcrypto import jwe, jwk
-from jwcrypto.common import JWException
 
-from appliance.errors import BadRequest, ConfigError, Unauthorized
+from appliance.errors import BadRequest, ConfigError
+from appliance.jose import jwa, jwe, jwk
+from appliance.jose.jwk import thumbprint
 
-# PBKDF2-HMAC-SHA256 iterations for new keys (OWASP's figure); jwcrypto caps decryption at
-# 16384 by default, so the cap is raised for the one place that decrypts our own keys.
-PBES2_ITERATIONS = 600_000
-jwcrypto.jwa.default_max_pbkdf2_iterations = max(
-    jwcrypto.jwa.default_max_pbkdf2_iterations, 1_000_000)
-
-ALG_FOR = {("EC", "P-256"): "ES256", ("EC", "P-384"): "ES384", ("OKP", "Ed25519"): "EdDSA"}
+__all__ = ["decrypt_private_key", "encrypt_private_key", "generate_key", "jwk_alg",
+           "public_jwk", "thumbprint"]
 
 
 def jwk_alg(public_jwk: dict[str, Any]) -> str:
-    """The one signature algorithm a provisioner key may use."""
-    kty = public_jwk.get("kty")
-    if kty == "RSA":
-        return "RS256"
-    alg = ALG_FOR.get((str(kty), str(public_jwk.get("crv"))))
-    if alg is None:
-        raise ConfigError(f"unsupported provisioner key {kty} {public_jwk.get('crv')}")
-    return alg
+    """The one signature algorithm a provisioner key may use (its preferred one)."""
+    algs = jwa.algs_for(public_jwk.get("kty"), public_jwk.get("crv"))
+    if not algs or algs[0] == "ES512":  # step-ca's JWK provisioners sign with P-256/P-384
+        raise ConfigError(f"unsupported provisioner key {public_jwk.get('kty')} "
+                          f"{public_jwk.get('crv')}")
+    return algs[0]
 
 
 def generate_key(kty: str = "EC", curve: str = "P-256", size: int = 2048) -> PrivateKeyTypes:
@@ -54,50 +44,22 @@ def generate_key(kty: str = "EC", curve: str = "P-256", size: int = 2048) -> Pri
     raise BadRequest(f"unsupported key type {kty}; use EC, RSA or OKP")
 
 
-def _to_jwk(key: PrivateKeyTypes) -> jwk.JWK:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    return jwk.JWK.from_pem(pem)
+def _key_members(public: dict[str, Any]) -> dict[str, Any]:
+    return {"kid": thumbprint(public), "use": "sig", "alg": jwk_alg(public)}
 
 
 def public_jwk(key: PrivateKeyTypes) -> dict[str, Any]:
     """Public JWK with `kid` = RFC 7638 thumbprint, `use` sig and `alg`."""
-    k = _to_jwk(key)
-    data: dict[str, Any] = json.loads(k.export_public())
-    data["kid"] = k.thumbprint()
-    data["use"] = "sig"
-    data["alg"] = jwk_alg(data)
-    return data
-
-
-def thumbprint(public: dict[str, Any]) -> str:
-    clean = {k: v for k, v in public.items() if k in ("kty", "crv", "x", "y", "n", "e")}
-    return str(jwk.JWK(**clean).thumbprint())
+    public = jwk.public_jwk(key)
+    return {**public, **_key_members(public)}
 
 
 def encrypt_private_key(key: PrivateKeyTypes, password: bytes) -> str:
     """Compact JWE of the private JWK under a password."""
-    k = _to_jwk(key)
-    payload = json.loads(k.export_private())
-    payload["kid"] = k.thumbprint()
-    payload["use"] = "sig"
-    payload["alg"] = jwk_alg(payload)
-    header = {"alg": "PBES2-HS256+A128KW", "enc": "A256GCM", "cty": "jwk+json",
-              "p2c": PBES2_ITERATIONS}
-    token = jwe.JWE(json.dumps(payload).encode(), protected=json.dumps(header))
-    token.add_recipient(jwk.JWK.from_password(password.decode("utf-8")))
-    return str(token.serialize(compact=True))
+    return jwe.encrypt_private_jwk(key, password, _key_members(jwk.public_jwk(key)))
 
 
 def decrypt_private_key(encrypted: str, password: bytes) -> tuple[PrivateKeyTypes, str]:
     """Decrypt a provisioner key; return (private key, kid). Wrong password -> Unauthorized."""
-    try:
-        token = jwe.JWE()
-        token.deserialize(encrypted.strip(), key=jwk.JWK.from_password(password.decode("utf-8")))
-        data = json.loads(token.payload)
-    except (JWException, ValueError, UnicodeDecodeError):
-        raise Unauthorized("cannot decrypt the provisioner key: wrong password?") from None
-    k = jwk.JWK(**data)
-    priv = serialization.load_pem_private_key(k.export_to_pem(private_key=True, password=None),
-                                              password=None)
-    return priv, str(data.get("kid") or k.thumbprint())
+    key, members = jwe.decrypt_private_jwk(encrypted, password)
+    return key, str(members.get("kid") or thumbprint(jwk.public_jwk(key)))
