@@ -18,111 +18,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, Text
 from sqlalchemy.engine import Connection
+
+# The tables are declared once, with every other table, in appliance.storage.schema.
+from appliance.storage.schema import (  # noqa: F401 - re-exported for the ACME callers
+    acme_accounts,
+    acme_authzs,
+    acme_challenges,
+    acme_eab_keys,
+    acme_nonces,
+    acme_orders,
+    acme_secrets,
+)
+from appliance.storage.schema import metadata as meta  # noqa: F401
 
 T = TypeVar("T")
 
-meta = MetaData()
-
-acme_accounts = Table(
-    "acme_accounts", meta,
-    Column("id", String(64), primary_key=True),
-    Column("provisioner", String(128), nullable=False),
-    Column("thumbprint", String(64), nullable=False),
-    Column("jwk", Text, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("contact", Text, nullable=False),
-    Column("eab_kid", String(128)),
-    Column("created_at", Integer, nullable=False),
-)
-acme_orders = Table(
-    "acme_orders", meta,
-    Column("id", String(64), primary_key=True),
-    Column("provisioner", String(128), nullable=False),
-    Column("account_id", String(64), nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("expires", Integer, nullable=False),
-    Column("identifiers", Text, nullable=False),
-    Column("not_before", Integer),
-    Column("not_after", Integer),
-    Column("authz_ids", Text, nullable=False),
-    Column("error", Text),
-    Column("cert_serial", String(40)),
-    Column("replaces", String(256)),
-    Column("created_at", Integer, nullable=False),
-)
-acme_authzs = Table(
-    "acme_authzs", meta,
-    Column("id", String(64), primary_key=True),
-    Column("order_id", String(64), nullable=False),
-    Column("account_id", String(64), nullable=False),
-    Column("identifier_type", String(8), nullable=False),
-    Column("identifier_value", String(255), nullable=False),
-    Column("wildcard", Integer, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("expires", Integer, nullable=False),
-)
-acme_challenges = Table(
-    "acme_challenges", meta,
-    Column("id", String(64), primary_key=True),
-    Column("authz_id", String(64), nullable=False),
-    Column("type", String(16), nullable=False),
-    Column("token", String(64), nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("validated", Integer),
-    Column("error", Text),
-)
-acme_nonces = Table(
-    "acme_nonces", meta,
-    Column("nonce", String(128), primary_key=True),
-    Column("expires_at", Integer, nullable=False),
-)
-acme_eab_keys = Table(
-    "acme_eab_keys", meta,
-    Column("kid", String(128), primary_key=True),
-    Column("provisioner", String(128), nullable=False),
-    Column("reference", String(256)),
-    Column("hmac_key", LargeBinary, nullable=False),
-    Column("created_at", Integer, nullable=False),
-    Column("account_id", String(64)),
-    Column("bound_at", Integer),
-)
-acme_secrets = Table(
-    "acme_secrets", meta,
-    Column("name", String(64), primary_key=True),
-    Column("value", LargeBinary, nullable=False),
-)
-
-MIGRATION = [
-    """CREATE TABLE acme_accounts (id VARCHAR(64) PRIMARY KEY, provisioner VARCHAR(128) NOT NULL,
-        thumbprint VARCHAR(64) NOT NULL, jwk TEXT NOT NULL, status VARCHAR(16) NOT NULL,
-        contact TEXT NOT NULL, eab_kid VARCHAR(128), created_at INTEGER NOT NULL)""",
-    "CREATE UNIQUE INDEX acme_accounts_key ON acme_accounts (provisioner, thumbprint)",
-    """CREATE TABLE acme_orders (id VARCHAR(64) PRIMARY KEY, provisioner VARCHAR(128) NOT NULL,
-        account_id VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, expires INTEGER NOT NULL,
-        identifiers TEXT NOT NULL, not_before INTEGER, not_after INTEGER,
-        authz_ids TEXT NOT NULL, error TEXT, cert_serial VARCHAR(40), replaces VARCHAR(256),
-        created_at INTEGER NOT NULL)""",
-    "CREATE INDEX acme_orders_account ON acme_orders (account_id)",
-    "CREATE INDEX acme_orders_expires ON acme_orders (expires)",
-    """CREATE TABLE acme_authzs (id VARCHAR(64) PRIMARY KEY, order_id VARCHAR(64) NOT NULL,
-        account_id VARCHAR(64) NOT NULL, identifier_type VARCHAR(8) NOT NULL,
-        identifier_value VARCHAR(255) NOT NULL, wildcard INTEGER NOT NULL,
-        status VARCHAR(16) NOT NULL, expires INTEGER NOT NULL)""",
-    "CREATE INDEX acme_authzs_order ON acme_authzs (order_id)",
-    """CREATE TABLE acme_challenges (id VARCHAR(64) PRIMARY KEY, authz_id VARCHAR(64) NOT NULL,
-        type VARCHAR(16) NOT NULL, token VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL,
-        validated INTEGER, error TEXT)""",
-    "CREATE INDEX acme_challenges_authz ON acme_challenges (authz_id)",
-    """CREATE TABLE acme_nonces (nonce VARCHAR(128) PRIMARY KEY, expires_at INTEGER NOT NULL)""",
-    "CREATE INDEX acme_nonces_expires ON acme_nonces (expires_at)",
-    """CREATE TABLE acme_eab_keys (kid VARCHAR(128) PRIMARY KEY, provisioner VARCHAR(128) NOT NULL,
-        reference VARCHAR(256), hmac_key BLOB NOT NULL, created_at INTEGER NOT NULL,
-        account_id VARCHAR(64), bound_at INTEGER)""",
-    "CREATE UNIQUE INDEX acme_eab_reference ON acme_eab_keys (provisioner, reference)",
-    """CREATE TABLE acme_secrets (name VARCHAR(64) PRIMARY KEY, value BLOB NOT NULL)""",
-]
 
 
 def new_id() -> str:

@@ -25,13 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
-    Column,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
     create_engine,
     delete,
     event,
@@ -56,112 +49,16 @@ from appliance.storage import (
     TokenReused,
 )
 from appliance.storage import acme as acme_storage
+from appliance.storage.schema import (
+    MIGRATIONS,
+    certificates,
+    crls,
+    revocations,
+    schema_migrations,
+    used_tokens,
+)
 
 T = TypeVar("T")
-
-metadata = MetaData()
-
-schema_migrations = Table(
-    "schema_migrations",
-    metadata,
-    Column("version", Integer, primary_key=True),
-    Column("applied_at", Integer, nullable=False),
-)
-
-certificates = Table(
-    "certificates",
-    metadata,
-    Column("serial", String(40), primary_key=True),  # lowercase hex, no leading zeros
-    Column("subject", Text, nullable=False),
-    Column("sans", Text, nullable=False),  # JSON list
-    Column("not_before", Integer, nullable=False),
-    Column("not_after", Integer, nullable=False),
-    Column("provisioner", String(128), nullable=False),
-    Column("status", String(16), nullable=False),  # intent | issued | failed
-    Column("token_id", Text),
-    Column("der", LargeBinary),
-    Column("created_at", Integer, nullable=False),
-    Column("issued_at", Integer),
-)
-
-revocations = Table(
-    "revocations",
-    metadata,
-    Column("serial", String(40), primary_key=True),
-    Column("reason_code", Integer, nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("revoked_at", Integer, nullable=False),
-    Column("provisioner", String(128), nullable=False),
-    Column("method", String(32), nullable=False),
-    Column("not_after", Integer, nullable=False),
-)
-
-crls = Table(
-    "crls",
-    metadata,
-    Column("number", Integer, primary_key=True),
-    Column("this_update", Integer, nullable=False),
-    Column("next_update", Integer, nullable=False),
-    Column("der", LargeBinary),
-)
-
-used_tokens = Table(
-    "used_tokens",
-    metadata,
-    Column("provisioner", String(128), primary_key=True),
-    Column("jti", String(256), primary_key=True),
-    Column("expires_at", Integer, nullable=False),
-    Column("used_at", Integer, nullable=False),
-)
-
-# Ordered migrations from the first release on. Each is applied once, in one transaction.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (
-        1,
-        [
-            """CREATE TABLE certificates (
-                serial VARCHAR(40) PRIMARY KEY,
-                subject TEXT NOT NULL,
-                sans TEXT NOT NULL,
-                not_before INTEGER NOT NULL,
-                not_after INTEGER NOT NULL,
-                provisioner VARCHAR(128) NOT NULL,
-                status VARCHAR(16) NOT NULL,
-                token_id TEXT,
-                der BLOB,
-                created_at INTEGER NOT NULL,
-                issued_at INTEGER)""",
-            "CREATE INDEX certificates_not_after ON certificates (not_after)",
-            """CREATE TABLE used_tokens (
-                provisioner VARCHAR(128) NOT NULL,
-                jti VARCHAR(256) NOT NULL,
-                expires_at INTEGER NOT NULL,
-                used_at INTEGER NOT NULL,
-                PRIMARY KEY (provisioner, jti))""",
-            "CREATE INDEX used_tokens_expires ON used_tokens (expires_at)",
-        ],
-    ),
-    (
-        2,
-        [
-            """CREATE TABLE revocations (
-                serial VARCHAR(40) PRIMARY KEY REFERENCES certificates (serial),
-                reason_code INTEGER NOT NULL,
-                reason TEXT NOT NULL,
-                revoked_at INTEGER NOT NULL,
-                provisioner VARCHAR(128) NOT NULL,
-                method VARCHAR(32) NOT NULL,
-                not_after INTEGER NOT NULL)""",
-            "CREATE INDEX revocations_not_after ON revocations (not_after)",
-            """CREATE TABLE crls (
-                number INTEGER PRIMARY KEY,
-                this_update INTEGER NOT NULL,
-                next_update INTEGER NOT NULL,
-                der BLOB)""",
-        ],
-    ),
-    (3, acme_storage.MIGRATION),
-]
 
 MAX_BATCH = 256
 EXPECTED_REFUSALS = (TokenReused, StorageError, AlreadyRevoked, CertificateUnknown,
@@ -310,17 +207,13 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         with self._engine.begin() as conn:
-            conn.exec_driver_sql(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-            )
+            schema_migrations.create(conn, checkfirst=True)
             done = {r[0] for r in conn.execute(select(schema_migrations.c.version))}
-            for version, statements in MIGRATIONS:
-                if version in done:
+            for migration in MIGRATIONS:
+                if migration.version in done:
                     continue
-                for sql in statements:
-                    conn.exec_driver_sql(sql)
-                conn.execute(insert(schema_migrations).values(version=version,
+                migration.apply(conn)
+                conn.execute(insert(schema_migrations).values(version=migration.version,
                                                                applied_at=int(time.time())))
 
     def schema_version(self) -> int:
