@@ -9,62 +9,53 @@ the database and the audit log.
 
 The supervisor logs into the issuer token itself to check the key and issue the server's TLS
 certificate (renewed at two thirds of its life, handed to workers over their control pipes),
-forwards SIGHUP as a reload, turns SIGTERM into a graceful drain, and restarts a worker that dies.
-Secrets (the PIN, the TLS key) reach workers over those pipes, never in arguments or files.
+forwards SIGHUP as a reload, turns SIGTERM into a graceful drain, and restarts a worker that dies
+(pool.py; the worker's side is worker.py). In quorum mode it starts sealed: /health says so and
+the admin socket collects custodians' shares until the PIN is whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.acme.challenges import parse_resolver_address
-from appliance.api.app import ApiState, create_app, create_insecure_app, create_sealed_app
+from appliance.api.app import create_sealed_app
 from appliance.audit import AuditError, AuditEvent
 from appliance.config import CaConfig, home_of, load_config, resolve_path
 from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.fileio import write_atomic
-from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
 from appliance.server.composition import Runtime, audit_log, open_runtime
-from appliance.server.dispatch import HandedOverSite, Listeners, channel_pair
+from appliance.server.dispatch import Listeners
+from appliance.server.pool import WorkerPool
 from appliance.server.sdnotify import notify, watchdog_interval
 from appliance.server.tls import (
     issue_server_certificate,
-    load_chain,
     load_server_tls,
     save_server_tls,
     server_context,
 )
-from appliance.storage import acme as acme_storage
+from appliance.server.worker import DRAIN_SECONDS
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
-from hsm.errors import DeviceError, HsmError, TokenNotFound
+from hsm.errors import HsmError
 
 log = structlog.get_logger("appliance.server")
 
-READY_TIMEOUT = 120.0
-DRAIN_SECONDS = 30.0
-TOKEN_PURGE_INTERVAL = 600.0
-CRL_CHECK_INTERVAL = 60.0
-Conn = multiprocessing.connection.Connection
+TLS_LIFETIME_SECONDS = 24 * 3600.0  # renewed at two thirds of it
 
 
 @dataclass(frozen=True)
@@ -73,177 +64,6 @@ class ServeOptions:
     pidfile: Path | None = None
     resolver: str | None = None
     workers: int | None = None
-
-
-# -- worker -------------------------------------------------------------------------------------
-def run_loop(coro: Any) -> Any:
-    """uvloop where installed: the workers' per-request cost is mostly event-loop work."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
-                control: Conn, channel: socket.socket, cpu: int | None = None) -> None:
-    """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
-    # First, before any thread exists: the threads started later (PKCS#11, database, audit)
-    # inherit the CPU. They take turns on the one GIL anyway; on one CPU a hand-over of the
-    # GIL is a local switch instead of a wake-up on another CPU (measured: 13-33 % more
-    # certificates/s, docs/performance.md).
-    pin_error = None
-    if cpu is not None:
-        try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError as e:
-            pin_error = e.strerror
-    configure_logging(log_format)
-    structlog.contextvars.bind_contextvars(worker=index)
-    if pin_error is not None:
-        log.warning("worker_not_pinned", cpu=cpu, reason=pin_error)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    try:
-        code = run_loop(_worker(index, Path(config_path), resolver, control, channel))
-    except ApplianceError as e:
-        with contextlib.suppress(OSError):
-            control.send(("error", e.message))
-        code = 1
-    except Exception as e:  # noqa: BLE001 - report to the supervisor without internals
-        log.exception("worker_failed")
-        with contextlib.suppress(OSError):
-            control.send(("error", f"worker failed: {type(e).__name__}"))
-        code = 1
-    os._exit(code)
-
-
-async def _worker(index: int, config_path: Path, resolver: str | None, control: Conn,
-                  channel: socket.socket) -> int:
-    loop = asyncio.get_running_loop()
-    kind, pin, chain, key_pem = control.recv()
-    assert kind == "start"
-    for attempt in range(4):
-        try:
-            runtime = await open_runtime(config_path, pin)
-            break
-        except HsmError as e:
-            # SoftHSM2 can miss a token while another process is loading it (a race in its
-            # token directory scan): the supervisor has just logged in, so try again briefly.
-            if attempt == 3 or not isinstance(e, TokenNotFound | DeviceError):
-                raise
-            log.warning("token_login_retry", attempt=attempt + 1, reason=str(e)[:200])
-            await asyncio.sleep(0.3 * (attempt + 1))
-    del pin
-    ssl_context = server_context(runtime.config.tls, chain, key_pem, pem(runtime.root))
-    del key_pem
-    state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
-                     intermediates=[runtime.intermediate])
-    state.apply_limits(runtime.config)
-    app = create_app(state)
-    acme_state = AcmeState(
-        authority=runtime.authority, store=runtime.store,
-        settings=validation_settings(runtime.config, resolver),
-        max_concurrent=runtime.config.acme.max_concurrent_validations,
-        order_lifetime=parse_duration(runtime.config.acme.order_lifetime))
-    mount_acme(app, acme_state, runtime.config.max_body_bytes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=DRAIN_SECONDS)
-    await runner.setup()
-    await HandedOverSite(runner, channel, ssl_context).start()
-    insecure_runner = None
-    if runtime.config.insecure_address:
-        insecure_runner = web.AppRunner(create_insecure_app(state), access_log=None,
-                                        handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
-        await insecure_runner.setup()
-        ihost, iport = runtime.config.host_port(runtime.config.insecure_address)
-        await web.TCPSite(insecure_runner, ihost, iport, reuse_port=True).start()
-
-    stop = asyncio.Event()
-
-    def on_control() -> None:
-        try:
-            message = control.recv()
-        except (EOFError, OSError):
-            stop.set()  # the supervisor is gone: drain and leave
-            return
-        if message[0] == "reload":
-            _reload_worker(runtime, state)
-        elif message[0] == "tls":
-            load_chain(ssl_context, message[1], message[2])
-            log.info("tls_certificate_reloaded")
-        elif message[0] == "stop":
-            stop.set()
-
-    loop.add_reader(control.fileno(), on_control)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_worker, runtime, state)
-    background = [asyncio.create_task(_purge_tokens(runtime)),
-                  asyncio.create_task(_keep_crl_fresh(runtime))] if index == 0 else []
-    # Everything loaded so far (modules, config, the app) lives as long as the worker: move it out
-    # of the collector's sight, so a full collection under load walks only what requests made
-    # (measured: 1 ms instead of 60 ms, which was the worst latency of a loaded worker).
-    # Requests free what they make by reference counting; the collector only looks for cycles.
-    # Running it every 700 net allocations (the default) cost ~15 us per certificate; every
-    # 20,000 it walks about the same live objects 28 times less often.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-    control.send(("ready", os.getpid()))
-    await stop.wait()
-    loop.remove_reader(control.fileno())
-    for task in background:
-        task.cancel()
-    if insecure_runner is not None:
-        await insecure_runner.cleanup()
-    await runner.cleanup()  # stops accepting, lets in-flight requests finish
-    await runtime.close()
-    return 0
-
-
-def _reload_worker(runtime: Runtime, state: ApiState) -> None:
-    try:
-        config = load_config(runtime.config_path)
-        runtime.authority.reload(config)
-    except ApplianceError as e:
-        log.error("reload_failed", reason=e.message)
-        return
-    if config.address != runtime.config.address or config.tls != runtime.config.tls:
-        log.warning("reload_needs_restart", reason="address and tls take effect on restart")
-    runtime.config = config
-    state.config = config
-    state.apply_limits(config)
-    log.info("config_reloaded", provisioners=len(config.authority.provisioners))
-
-
-async def _keep_crl_fresh(runtime: Runtime) -> None:
-    """Regenerate the CRL before its nextUpdate even when nobody asks for it."""
-    while True:
-        try:
-            if runtime.config.crl.enabled:
-                await runtime.authority.crl.current()  # looked up anew: a reload replaces it
-        except Exception:  # noqa: BLE001 - keep trying; GET /crl also regenerates when due
-            log.exception("crl_refresh_failed")
-        await asyncio.sleep(CRL_CHECK_INTERVAL)
-
-
-async def _purge_tokens(runtime: Runtime) -> None:
-    while True:
-        await asyncio.sleep(TOKEN_PURGE_INTERVAL)
-        with contextlib.suppress(ApplianceError):
-            await runtime.store.purge_expired_tokens(datetime.now(UTC))
-            await runtime.store.run_op(acme_storage.op_purge(int(time.time())))
-
-
-# -- supervisor ---------------------------------------------------------------------------------
-@dataclass
-class _Worker:
-    index: int
-    process: BaseProcess
-    control: Conn
-    channel: socket.socket  # the supervisor's end of the connection hand-over channel
-    cpu: int | None  # the CPU the worker runs on (pinWorkers), None when not pinned
-    ready: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
-                                       .create_future())
 
 
 class Supervisor:
@@ -255,15 +75,11 @@ class Supervisor:
         self.home = home_of(options.config_path)
         self.runtime: Runtime | None = None
         self._pin = issuer_pin  # kept only to restart a worker that dies (and to unseal again)
-        self._mp = multiprocessing.get_context("spawn")
-        self._workers: dict[int, _Worker] = {}
         self._stop = asyncio.Event()
         self._seal = asyncio.Event()
         self._unsealed = asyncio.Event()
-        self._stopping = False
         self._serving = False  # workers answer on the port (what `unlock --status` reports)
         self._tls: tuple[bytes, bytes, datetime] | None = None
-        self._restarts: list[float] = []
         self._collector: ShareCollector | None = None
         self._sealed_mtime = 0.0
         self._sealed_runner: web.AppRunner | None = None
@@ -273,7 +89,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop_recorded = False
         self._listeners: Listeners | None = None
-        self._cpus = sorted(os.sched_getaffinity(0))  # the CPUs this server may use
+        self._pool = WorkerPool(options.config_path, options.resolver, options.workers,
+                                lambda: self.config, self._worker_ready, self._give_up)
 
     @property
     def config(self) -> CaConfig:
@@ -283,10 +100,13 @@ class Supervisor:
     def quorum(self) -> bool:
         return self._config.unlock.mode == "quorum"
 
-    def worker_count(self) -> int:
-        # One per CPU this process may run on (a cpuset or CPUAffinity= can allow fewer than
-        # the machine has).
-        return self.options.workers or self.config.workers or len(self._cpus) or 1
+    def _worker_ready(self) -> None:
+        if self._listeners is not None:
+            self._listeners.resume()  # in case every worker was down
+
+    def _give_up(self) -> None:
+        self.failed = True  # exit non-zero so that systemd's Restart=on-failure acts
+        self._stop.set()
 
     async def run(self) -> int:
         if self._pin is not None:
@@ -502,18 +322,14 @@ class Supervisor:
             self._pin = None
             return
         self._seal.clear()
-        self._stopping = False
         try:
             self._tls = await issue_server_certificate(self.runtime.issuer,
                                                        self.config.dns_names)
             if self.quorum:
                 save_server_tls(resolve_path(self.home, self._config.unlock.tls_dir),
                                 self._tls[0], self._tls[1])
-            for i in range(self.worker_count()):
-                self._spawn(i)
             try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(w.ready for w in self._workers.values())), READY_TIMEOUT)
+                await self._pool.start(self._pin, self._tls[0], self._tls[1])
             except (TimeoutError, ApplianceError) as e:
                 reason = e.message if isinstance(e, ApplianceError) else "workers did not start"
                 log.error("start_failed", reason=reason)
@@ -526,12 +342,12 @@ class Supervisor:
                 await self._sealed_runner.cleanup()  # workers now answer on the port
                 self._sealed_runner = None
             assert self._listeners is not None
-            self._listeners.dispatch(self._channels)
+            self._listeners.dispatch(self._pool.channels)
             self._serving = True
             host, port = self.config.host_port()
             log.info("serving", url=f"https://{self.config.dns_names[0]}:{port}",
-                     address=f"{host}:{port}", workers=len(self._workers), pid=os.getpid())
-            notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._workers)} "
+                     address=f"{host}:{port}", workers=len(self._pool), pid=os.getpid())
+            notify("READY=1", f"STATUS=serving on {host}:{port} with {len(self._pool)} "
                    "workers", f"MAINPID={os.getpid()}")
             tasks = [asyncio.create_task(self._renew_tls()),
                      asyncio.create_task(self._watchdog()),
@@ -547,7 +363,7 @@ class Supervisor:
             self._serving = False
             if self._listeners is not None:
                 self._listeners.stop_dispatching()  # new connections wait in the backlog
-            await self._shutdown()
+            await self._pool.shutdown()
             # The last records go in before the checkpoint, so the signature covers them.
             await self.runtime.record_logout()
             if self._stop.is_set() and not self._stop_recorded:
@@ -561,75 +377,13 @@ class Supervisor:
             self._seal.clear()
             log.info("sealed_again")
 
-    def _worker_cpu(self, index: int) -> int | None:
-        """Worker i runs on the i-th CPU of those allowed (round robin); None: not pinned."""
-        if not self.config.pin_workers or len(self._cpus) < 2:
-            return None
-        return self._cpus[index % len(self._cpus)]
-
-    def _spawn(self, index: int) -> None:
-        assert self._tls is not None
-        parent, child = self._mp.Pipe()
-        ours, theirs = channel_pair()
-        cpu = self._worker_cpu(index)
-        process = self._mp.Process(
-            target=worker_main, name=f"appliance-worker-{index}",
-            args=(index, str(self.options.config_path), self.config.logger.format,
-                  self.options.resolver, child, theirs, cpu))
-        process.start()
-        child.close()
-        theirs.close()
-        worker = _Worker(index, process, parent, ours, cpu)
-        self._workers[index] = worker
-        parent.send(("start", self._pin, self._tls[0], self._tls[1]))
-        loop = asyncio.get_running_loop()
-        loop.add_reader(parent.fileno(), self._on_message, worker)
-        loop.add_reader(process.sentinel, self._on_exit, worker)
-
-    def _on_message(self, worker: _Worker) -> None:
-        try:
-            message: Any = worker.control.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(worker.control.fileno())
-            return
-        if message[0] == "ready" and not worker.ready.done():
-            worker.ready.set_result(message[1])
-            log.info("worker_ready", worker=worker.index, pid=message[1], cpu=worker.cpu)
-            if self._listeners is not None:
-                self._listeners.resume()  # in case every worker was down
-        elif message[0] == "error" and not worker.ready.done():
-            worker.ready.set_exception(ApplianceError(message[1]))
-
-    def _on_exit(self, worker: _Worker) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(worker.process.sentinel)
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(worker.control.fileno())
-        worker.process.join(0)
-        worker.channel.close()
-        if not worker.ready.done():
-            worker.ready.set_exception(ApplianceError(
-                f"worker {worker.index} exited during start (code {worker.process.exitcode})"))
-            return
-        if self._stopping or self._workers.get(worker.index) is not worker:
-            return
-        log.error("worker_died", worker=worker.index, code=worker.process.exitcode)
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
-        if len(self._restarts) > 5:
-            log.error("too_many_worker_restarts")
-            self.failed = True  # exit non-zero so that systemd's Restart=on-failure acts
-            self._stop.set()
-            return
-        self._spawn(worker.index)
-
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog while every worker is alive (cheap: no request is made)."""
         interval = watchdog_interval()
         if interval is None:
             return
         while True:
-            if all(w.process.is_alive() for w in self._workers.values()):
+            if self._pool.all_alive():
                 notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
@@ -654,19 +408,16 @@ class Supervisor:
             log.info("reload_forwarded", workers=0)
             return
         self.runtime.config = config
-        for w in self._workers.values():
-            with contextlib.suppress(OSError):
-                w.control.send(("reload",))
-        log.info("reload_forwarded", workers=len(self._workers))
+        self._pool.send("reload")
+        log.info("reload_forwarded", workers=len(self._pool))
         notify("READY=1", "STATUS=serving (configuration reloaded)")
 
     async def _renew_tls(self) -> None:
         """Renew the server certificate at two thirds of its life; retry a minute after a fault."""
         while True:
             assert self._tls is not None
-            lifetime = 24 * 3600.0
             remaining = (self._tls[2] - datetime.now(UTC)).total_seconds()
-            await asyncio.sleep(max(remaining - lifetime / 3, 1.0))
+            await asyncio.sleep(max(remaining - TLS_LIFETIME_SECONDS / 3, 1.0))
             try:
                 assert self.runtime is not None
                 self._tls = await issue_server_certificate(self.runtime.issuer,
@@ -678,38 +429,8 @@ class Supervisor:
                 log.error("tls_renewal_failed", reason=e.message)
                 await asyncio.sleep(60)
                 continue
-            for w in self._workers.values():
-                with contextlib.suppress(OSError):
-                    w.control.send(("tls", self._tls[0], self._tls[1]))
+            self._pool.renewed_tls(self._tls[0], self._tls[1])
             log.info("tls_certificate_renewed", not_after=self._tls[2].isoformat())
-
-    async def _shutdown(self) -> None:
-        self._stopping = True
-        for w in self._workers.values():
-            if w.process.is_alive() and w.process.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + DRAIN_SECONDS + 5
-        for w in self._workers.values():
-            while w.process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if w.process.is_alive():
-                w.process.kill()
-            w.process.join(1)
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(w.process.sentinel)
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(w.control.fileno())
-            w.control.close()
-            w.channel.close()
-        self._workers.clear()
-
-    def _channels(self) -> list[socket.socket]:
-        """Hand-over channels of the workers that serve (started, not known to have exited)."""
-        return [w.channel for w in self._workers.values()
-                if w.ready.done() and not w.ready.cancelled() and w.ready.exception() is None
-                and w.channel.fileno() >= 0]
 
 
 def check_address_free(host: str, port: int) -> None:
