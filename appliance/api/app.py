@@ -20,9 +20,9 @@ from appliance import __version__
 from appliance.api.ratelimit import TokenBuckets
 from appliance.audit import AuditError, AuditEvent
 from appliance.authority.authority import Authority
-from appliance.authority.requests import SignRequest
-from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
+from appliance.authority.lifecycle import RevokeRequest
 from appliance.authority.provisioners.jwk import JwkProvisioner
+from appliance.authority.requests import SignRequest
 from appliance.config import CIPHER_SUITES, CaConfig
 from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
@@ -285,8 +285,7 @@ async def renew(request: web.Request) -> web.Response:
     state = request.app[STATE]
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
-        cert, token_use = verify_renew_token(auth[7:].strip(), state.authority.renew_audiences,
-                                             time.time())
+        cert, token_use = state.authority.verify_x5c_token(auth[7:].strip(), rekey=False)
         issued, provisioner = await state.authority.renew(cert, token_use=token_use)
     else:
         peer = peer_certificate(request)
@@ -304,8 +303,7 @@ async def rekey(request: web.Request) -> web.Response:
     auth = request.headers.get("Authorization", "")
     peer: x509.Certificate | None
     if auth.lower().startswith("bearer "):
-        peer, token_use = verify_renew_token(auth[7:].strip(), state.authority.rekey_audiences,
-                                             time.time())
+        peer, token_use = state.authority.verify_x5c_token(auth[7:].strip(), rekey=True)
     else:
         peer, token_use = peer_certificate(request), None
     if peer is None:

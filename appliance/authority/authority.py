@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from appliance.audit import AuditEvent
 from appliance.authority.claims import Claims
 from appliance.authority.csr import check_public_key, parse_csr_pem
-from appliance.authority.lifecycle import RevokeRequest
+from appliance.authority.lifecycle import RevokeRequest, verify_renew_token
 from appliance.authority.plan import OrderGrant, RequestedValidity, SignPlan
 from appliance.authority.policy import X509NamePolicy
 from appliance.authority.provisioners.acme import AcmeProvisioner
@@ -295,6 +295,12 @@ class Authority:
             raise Unauthorized(f"the provisioner {record.provisioner!r} that authorised this "
                                "certificate no longer exists")
         return provisioner
+
+    def verify_x5c_token(self, untrusted_bearer: str, *, rekey: bool
+                         ) -> tuple[x509.Certificate, TokenUse]:
+        """An x5c Bearer token for /renew (or /rekey): the certificate it carries, its jti."""
+        return verify_renew_token(untrusted_bearer, self.rekey_audiences if rekey
+                                  else self.renew_audiences, self._clock())
 
     async def renew(self, cert: x509.Certificate, *, token_use: TokenUse | None = None,
                     new_public_key: CertificatePublicKeyTypes | None = None
