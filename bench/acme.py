@@ -41,19 +41,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from issuance import (  # noqa: E402
-    APPLIANCTL,
-    Ca,
-    Profiler,
-    Server,
-    create_ca,
-    free_port,
-    key_access,
-    measure_raw,
-    percentile,
-    say,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness
+from harness.ca import Ca, Server, create_ca, key_access  # noqa: E402
+from harness.common import APPLIANCTL, free_port, percentile, say  # noqa: E402
+from harness.cpu import Profiler  # noqa: E402
+from harness.raw_sign import measure_raw  # noqa: E402
 
 from appliance.acme import jws  # noqa: E402
 
