@@ -1,5 +1,9 @@
 """`applianctl init`: create the tokens (embedded SoftHSM2), the CA keys in them, the CA
-certificates, the first JWK provisioner and the CA home's files."""
+certificates, the first JWK provisioner and the CA home's files.
+
+Three steps, usable alone (a test makes a CA in its own throwaway token): `_prepare_softhsm`,
+`create_ca_keys` (keys and certificates, in the tokens), `write_ca_home` (ca.json and the rest).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from appliance.authority.provisioners.jwk_keys import (
     encrypt_private_key,
@@ -31,7 +37,7 @@ from appliance.errors import ConfigError
 from appliance.home import Defaults
 from appliance.issuance.ca_certs import build_intermediate, build_root, fingerprint, pem
 from appliance.storage.sqlite import SqliteStore
-from hsm.keystore import KeySpec
+from hsm.keystore import KeyRef, KeySpec
 from hsm.pkcs11_store import Pkcs11KeyStore
 from hsm.softhsm import find_softhsm_module, init_token, token_exists, write_softhsm_conf
 from hsm.uri import Pkcs11Uri
@@ -57,6 +63,16 @@ class InitOptions:
     force: bool = False
     acme: bool = False
     quorum: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CaKeys:
+    """The CA keys made in the tokens, and the certificates the root key signed."""
+
+    root_key: KeyRef
+    intermediate_key: KeyRef
+    root: x509.Certificate
+    intermediate: x509.Certificate
 
 
 @dataclass(frozen=True)
@@ -100,38 +116,60 @@ def _replace_key(store: Pkcs11KeyStore, label: str, force: bool) -> None:
         store.destroy(ref)
 
 
+def _make_home(home: Path) -> Path:
+    """The CA home and its directories, 0700; returns the certificates' directory."""
+    certs = home / "certs"
+    for d in (home, home / "config", home / "db", certs):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    return certs
+
+
 def initialise(opts: InitOptions) -> InitResult:
+    """The whole ceremony: tokens (embedded SoftHSM2), keys and certificates, the CA home."""
     config_path = opts.home / "config" / "ca.json"
     if config_path.exists() and not opts.force:
         raise ConfigError(f"a CA already exists at {opts.home}; use --force to replace it")
+    _make_home(opts.home)  # 0700 before the token directory is made in it
     if opts.module_path == find_softhsm_module() or is_softhsm(opts.module_path):
         conf: Path | None = _prepare_softhsm(opts)
         os.environ["SOFTHSM2_CONF"] = str(conf)
     else:
         conf = None
-
-    certs = opts.home / "certs"
-    for d in (opts.home, opts.home / "config", opts.home / "db", certs):
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(opts.home, 0o700)
-
     with Pkcs11KeyStore.open(opts.module_path, opts.root_token, opts.root_pin) as root_store, \
             Pkcs11KeyStore.open(opts.module_path, opts.issuer_token, opts.issuer_pin) as issuer:
-        _replace_key(root_store, ROOT_KEY_LABEL, opts.force)
-        _replace_key(issuer, INTERMEDIATE_KEY_LABEL, opts.force)
-        root_ref = root_store.generate(opts.key_spec, ROOT_KEY_LABEL)
-        inter_ref = issuer.generate(opts.key_spec, INTERMEDIATE_KEY_LABEL)
-        root_store.check_protected(root_ref)
-        issuer.check_protected(inter_ref)
-        root_key = root_store.private_key(root_ref)
-        root_cert = root_store.run(build_root, opts.name, root_key)
-        inter_cert = root_store.run(build_intermediate, opts.name, issuer.public_key(inter_ref),
-                                    root_cert, root_key)
-        del root_key
+        keys = create_ca_keys(root_store, issuer, opts.name, opts.key_spec, force=opts.force)
+    return write_ca_home(opts, keys, conf)
 
+
+def create_ca_keys(root_store: Pkcs11KeyStore, issuer_store: Pkcs11KeyStore, name: str,
+                   key_spec: KeySpec, *, force: bool = False, root_label: str = ROOT_KEY_LABEL,
+                   intermediate_label: str = INTERMEDIATE_KEY_LABEL) -> CaKeys:
+    """Generate the root and intermediate keys in their tokens; the root signs both certificates.
+
+    The two stores may be one (a single token holding both keys, as in tests).
+    """
+    _replace_key(root_store, root_label, force)
+    _replace_key(issuer_store, intermediate_label, force)
+    root_ref = root_store.generate(key_spec, root_label)
+    inter_ref = issuer_store.generate(key_spec, intermediate_label)
+    root_store.check_protected(root_ref)
+    issuer_store.check_protected(inter_ref)
+    root_key = root_store.private_key(root_ref)
+    root_cert = root_store.run(build_root, name, root_key)
+    inter_cert = root_store.run(build_intermediate, name, issuer_store.public_key(inter_ref),
+                                root_cert, root_key)
+    del root_key
+    return CaKeys(root_ref, inter_ref, root_cert, inter_cert)
+
+
+def write_ca_home(opts: InitOptions, keys: CaKeys, softhsm_conf: Path | None) -> InitResult:
+    """The CA home's files: certificates, the first JWK provisioner, ca.json, database, defaults."""
+    config_path = opts.home / "config" / "ca.json"
+    certs = _make_home(opts.home)
     root_path = certs / "root_ca.crt"
     inter_path = certs / "intermediate_ca.crt"
-    for path, cert in ((root_path, root_cert), (inter_path, inter_cert)):
+    for path, cert in ((root_path, keys.root), (inter_path, keys.intermediate)):
         path.write_text(pem(cert))
         os.chmod(path, 0o644)
 
@@ -144,9 +182,9 @@ def initialise(opts: InitOptions) -> InitResult:
     module_uri = Pkcs11Uri(token=opts.issuer_token, module_path=opts.module_path).format()
     config = CaConfig(
         root=str(root_path), crt=str(inter_path),
-        key=inter_ref.to_uri(), root_key=root_ref.to_uri(),
+        key=keys.intermediate_key.to_uri(), root_key=keys.root_key.to_uri(),
         kms=KmsConfig(type="pkcs11", uri=module_uri,
-                      softhsm_conf=str(conf) if conf else None),
+                      softhsm_conf=str(softhsm_conf) if softhsm_conf else None),
         address=opts.address, dns_names=list(opts.dns_names),
         db=DbConfig(type="sqlite", data_source=str(opts.home / "db" / "appliance.db")),
         authority=AuthorityConfig(provisioners=[provisioner] + (
@@ -168,8 +206,8 @@ def initialise(opts: InitOptions) -> InitResult:
     _, port = config.host_port()
     host = opts.dns_names[0]
     host = f"[{host}]" if ":" in host else host
-    defaults = Defaults(ca_url=f"https://{host}:{port}", fingerprint=fingerprint(root_cert),
+    defaults = Defaults(ca_url=f"https://{host}:{port}", fingerprint=fingerprint(keys.root),
                         root=root_path)
     defaults.write(opts.home)
-    return InitResult(config_path, fingerprint(root_cert), root_path, inter_path,
+    return InitResult(config_path, fingerprint(keys.root), root_path, inter_path,
                       opts.home / "config" / "defaults.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.config import home_of, load_config, resolve_path
-from appliance.server.composition import open_runtime
+from appliance.server.composition import open_services
 from appliance.server.tls import issue_server_certificate, save_server_tls
 from appliance.unlock.quorum import SealedPin, recover_pin, seal_pin, write_shares
 
@@ -17,11 +17,11 @@ async def seal_new_ca(config_path: Path, issuer_pin: str, quorum: tuple[int, int
     home = home_of(config_path)
     # The sealed server answers /health over HTTPS before anyone has the PIN: it needs a
     # certificate now, from the intermediate (renewed while unsealed).
-    runtime = await open_runtime(config_path, issuer_pin)
+    services = await open_services(config_path, issuer_pin)
     try:
-        chain, key, _ = await issue_server_certificate(runtime.authority, config.dns_names)
+        chain, key, _ = await issue_server_certificate(services.authority, config.dns_names)
     finally:
-        await runtime.close()
+        await services.close()
     save_server_tls(resolve_path(home, config.unlock.tls_dir), chain, key)
     sealed, mnemonics = seal_pin(issuer_pin, *quorum)
     sealed.save(resolve_path(home, config.unlock.sealed_pin))

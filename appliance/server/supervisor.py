@@ -38,7 +38,7 @@ from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.fileio import write_atomic
 from appliance.logs import configure_logging
-from appliance.server.composition import Runtime, audit_log, open_runtime
+from appliance.server.composition import Services, audit_log, open_services
 from appliance.server.dispatch import Listeners
 from appliance.server.pool import WorkerPool
 from appliance.server.sdnotify import notify, watchdog_interval
@@ -73,7 +73,7 @@ class Supervisor:
         self.options = options
         self._config = config
         self.home = home_of(options.config_path)
-        self.runtime: Runtime | None = None
+        self.services: Services | None = None
         self._pin = issuer_pin  # kept only to restart a worker that dies (and to unseal again)
         self._stop = asyncio.Event()
         self._seal = asyncio.Event()
@@ -94,7 +94,7 @@ class Supervisor:
 
     @property
     def config(self) -> CaConfig:
-        return self.runtime.config if self.runtime else self._config
+        return self.services.config if self.services else self._config
 
     @property
     def quorum(self) -> bool:
@@ -111,7 +111,7 @@ class Supervisor:
     async def run(self) -> int:
         if self._pin is not None:
             # Password mode: a wrong PIN or a missing token is the first thing to report.
-            self.runtime = await open_runtime(self.options.config_path, self._pin)
+            self.services = await open_services(self.options.config_path, self._pin)
         try:
             self._listeners = Listeners(*self.config.host_port())
             if self.config.insecure_address:
@@ -119,8 +119,8 @@ class Supervisor:
         except ApplianceError:
             if self._listeners is not None:
                 self._listeners.close()
-            if self.runtime is not None:
-                await self.runtime.close()
+            if self.services is not None:
+                await self.services.close()
             raise
         try:
             await self._run()
@@ -191,11 +191,11 @@ class Supervisor:
 
     async def _checkpoint(self) -> None:
         """A record signed by the issuer key over the chain head (needs the token: unsealed)."""
-        if self.runtime is None:
+        if self.services is None:
             return
         try:
-            await self._audit.checkpoint(self.runtime.issuer.audit_signer(),
-                                         self.runtime.issuer.certificate, "supervisor")
+            await self._audit.checkpoint(self.services.issuer.audit_signer(),
+                                         self.services.issuer.certificate, "supervisor")
         except AuditError as e:
             log.error("audit_checkpoint_failed", reason=str(e)[:200])
 
@@ -291,7 +291,7 @@ class Supervisor:
     def _status(self, ok: bool = True, error: str | None = None, message: str | None = None
                 ) -> dict[str, Any]:
         have, need = self.progress()
-        sealed = self._pin is None or self.runtime is None
+        sealed = self._pin is None or self.services is None
         if self._pin is None:
             state = "sealed"
         elif self._serving:
@@ -312,8 +312,8 @@ class Supervisor:
     async def _unsealed_phase(self) -> None:
         assert self._pin is not None
         try:
-            if self.runtime is None:
-                self.runtime = await open_runtime(self.options.config_path, self._pin)
+            if self.services is None:
+                self.services = await open_services(self.options.config_path, self._pin)
         except (ApplianceError, HsmError) as e:
             reason = getattr(e, "message", None) or str(e)
             if not self.quorum:
@@ -323,7 +323,7 @@ class Supervisor:
             return
         self._seal.clear()
         try:
-            self._tls = await issue_server_certificate(self.runtime.issuer,
+            self._tls = await issue_server_certificate(self.services.authority,
                                                        self.config.dns_names)
             if self.quorum:
                 save_server_tls(resolve_path(self.home, self._config.unlock.tls_dir),
@@ -365,13 +365,13 @@ class Supervisor:
                 self._listeners.stop_dispatching()  # new connections wait in the backlog
             await self._pool.shutdown()
             # The last records go in before the checkpoint, so the signature covers them.
-            await self.runtime.record_logout()
+            await self.services.record_logout()
             if self._stop.is_set() and not self._stop_recorded:
                 await self._record("server.stop", "success", {"pid": os.getpid()})
                 self._stop_recorded = True
             await self._checkpoint()
-            await self.runtime.close()
-            self.runtime = None
+            await self.services.close()
+            self.services = None
         if self._seal.is_set() and not self._stop.is_set():
             self._pin = None
             self._seal.clear()
@@ -392,8 +392,8 @@ class Supervisor:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             config = load_config(self.options.config_path)
-            if self.runtime is not None:
-                self.runtime.authority.reload(config)
+            if self.services is not None:
+                self.services.authority.reload(config)
         except ApplianceError as e:
             log.error("reload_refused", reason=e.message)
             notify("READY=1", f"STATUS=reload refused: {e.message[:200]}")
@@ -402,12 +402,12 @@ class Supervisor:
             return
         self._background(self._record("config.reload", "success", {"provisioners": len(
             config.authority.provisioners)}))
-        if self.runtime is None:
+        if self.services is None:
             self._config = config
             notify("READY=1", "STATUS=sealed (configuration reloaded)")
             log.info("reload_forwarded", workers=0)
             return
-        self.runtime.config = config
+        self.services.config = config
         self._pool.send("reload")
         log.info("reload_forwarded", workers=len(self._pool))
         notify("READY=1", "STATUS=serving (configuration reloaded)")
@@ -419,8 +419,8 @@ class Supervisor:
             remaining = (self._tls[2] - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(max(remaining - TLS_LIFETIME_SECONDS / 3, 1.0))
             try:
-                assert self.runtime is not None
-                self._tls = await issue_server_certificate(self.runtime.issuer,
+                assert self.services is not None
+                self._tls = await issue_server_certificate(self.services.authority,
                                                            self.config.dns_names)
                 if self.quorum:
                     save_server_tls(resolve_path(self.home, self._config.unlock.tls_dir),

@@ -15,7 +15,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from appliance.acme.api import AcmeState, mount_acme, validation_settings
-from appliance.api.app import ApiState, create_app, create_insecure_app
-from appliance.config import load_config
-from appliance.durations import parse_duration
 from appliance.errors import ApplianceError
 from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
-from appliance.server.composition import Runtime, open_runtime
+from appliance.server.app import create_server_app
+from appliance.server.composition import Services, open_services
 from appliance.server.dispatch import HandedOverSite
 from appliance.server.tls import load_chain, server_context
-from appliance.storage import acme as acme_storage
 from hsm.errors import DeviceError, HsmError, TokenNotFound
 
 log = structlog.get_logger("appliance.server")
@@ -92,7 +87,7 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     assert kind == "start"
     for attempt in range(4):
         try:
-            runtime = await open_runtime(config_path, pin)
+            services = await open_services(config_path, pin)
             break
         except HsmError as e:
             # SoftHSM2 can miss a token while another process is loading it (a race in its
@@ -102,28 +97,19 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
             log.warning("token_login_retry", attempt=attempt + 1, reason=str(e)[:200])
             await asyncio.sleep(0.3 * (attempt + 1))
     del pin
-    ssl_context = server_context(runtime.config.tls, chain, key_pem, pem(runtime.root))
+    ssl_context = server_context(services.config.tls, chain, key_pem, pem(services.root))
     del key_pem
-    state = ApiState(authority=runtime.authority, config=runtime.config, root=runtime.root,
-                     intermediates=[runtime.intermediate])
-    state.apply_limits(runtime.config)
-    app = create_app(state)
-    acme_state = AcmeState(
-        authority=runtime.authority, store=runtime.store,
-        settings=validation_settings(runtime.config, resolver),
-        max_concurrent=runtime.config.acme.max_concurrent_validations,
-        order_lifetime=parse_duration(runtime.config.acme.order_lifetime))
-    mount_acme(app, acme_state, runtime.config.max_body_bytes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    served = create_server_app(services, resolver=resolver)
+    runner = web.AppRunner(served.app, access_log=None, handle_signals=False,
                            shutdown_timeout=DRAIN_SECONDS)
     await runner.setup()
     await HandedOverSite(runner, channel, ssl_context).start()
     insecure_runner = None
-    if runtime.config.insecure_address:
-        insecure_runner = web.AppRunner(create_insecure_app(state), access_log=None,
+    if served.insecure_app is not None:
+        insecure_runner = web.AppRunner(served.insecure_app, access_log=None,
                                         handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
         await insecure_runner.setup()
-        ihost, iport = runtime.config.host_port(runtime.config.insecure_address)
+        ihost, iport = services.config.host_port(services.config.insecure_address)
         await web.TCPSite(insecure_runner, ihost, iport, reuse_port=True).start()
 
     stop = asyncio.Event()
@@ -135,7 +121,7 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
             stop.set()  # the supervisor is gone: drain and leave
             return
         if message[0] == "reload":
-            _reload_worker(runtime, state)
+            served.reload()
         elif message[0] == "tls":
             load_chain(ssl_context, message[1], message[2])
             log.info("tls_certificate_reloaded")
@@ -144,9 +130,9 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
 
     loop.add_reader(control.fileno(), on_control)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_worker, runtime, state)
-    background = [asyncio.create_task(_purge_tokens(runtime)),
-                  asyncio.create_task(_keep_crl_fresh(runtime))] if index == 0 else []
+    loop.add_signal_handler(signal.SIGHUP, served.reload)
+    background = [asyncio.create_task(_purge_tokens(services)),
+                  asyncio.create_task(_keep_crl_fresh(services))] if index == 0 else []
     # Everything loaded so far (modules, config, the app) lives as long as the worker: move it out
     # of the collector's sight, so a full collection under load walks only what requests made
     # (measured: 1 ms instead of 60 ms, which was the worst latency of a loaded worker).
@@ -164,40 +150,24 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     if insecure_runner is not None:
         await insecure_runner.cleanup()
     await runner.cleanup()  # stops accepting, lets in-flight requests finish
-    await runtime.close()
+    await services.close()
     return 0
 
 
-def _reload_worker(runtime: Runtime, state: ApiState) -> None:
-    try:
-        config = load_config(runtime.config_path)
-        runtime.authority.reload(config)
-    except ApplianceError as e:
-        log.error("reload_failed", reason=e.message)
-        return
-    if config.address != runtime.config.address or config.tls != runtime.config.tls:
-        log.warning("reload_needs_restart", reason="address and tls take effect on restart")
-    runtime.config = config
-    state.config = config
-    state.apply_limits(config)
-    log.info("config_reloaded", provisioners=len(config.authority.provisioners))
-
-
-async def _keep_crl_fresh(runtime: Runtime) -> None:
+async def _keep_crl_fresh(services: Services) -> None:
     """Regenerate the CRL before its nextUpdate even when nobody asks for it."""
     while True:
         try:
-            if runtime.config.crl.enabled:
-                await runtime.authority.crl.current()  # looked up anew: a reload replaces it
+            if services.config.crl.enabled:
+                await services.authority.crl.current()  # looked up anew: a reload replaces it
         except Exception:  # noqa: BLE001 - keep trying; GET /crl also regenerates when due
             log.exception("crl_refresh_failed")
         await asyncio.sleep(CRL_CHECK_INTERVAL)
 
 
-async def _purge_tokens(runtime: Runtime) -> None:
+async def _purge_tokens(services: Services) -> None:
     while True:
         await asyncio.sleep(TOKEN_PURGE_INTERVAL)
         with contextlib.suppress(ApplianceError):
-            await runtime.store.purge_expired_tokens(datetime.now(UTC))
-            await runtime.store.run_op(acme_storage.op_purge(int(time.time())))
+            await services.store.purge_expired_tokens(datetime.now(UTC))
 
