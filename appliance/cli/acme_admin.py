@@ -6,54 +6,59 @@ there, so no reload is needed).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from appliance.cli.main import cli
-from appliance.config import CaConfig, default_home, home_of, load_config, resolve_path
+from appliance.cli.app import ca_config_path, record_cli_event, run
 from appliance.errors import BadRequest
-from appliance.storage import acme as st
-from appliance.storage.sqlite import SqliteStore
+from appliance.jose.base64url import b64url_encode
+
+if TYPE_CHECKING:
+    from appliance.storage.acme_protocol import AcmeStore
+
+T = TypeVar("T")
 
 
-def _acme_config(ca_config: Path | None, provisioner: str) -> tuple[CaConfig, Path]:
-    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+def _acme_database(ca_config: Path | None, provisioner: str) -> Path:
+    from appliance.config import home_of, load_config, resolve_path
+
+    path = ca_config_path(ca_config)
     config = load_config(path)
     if not any(p.name == provisioner and p.type == "ACME"
                for p in config.authority.provisioners):
         raise BadRequest(f"no ACME provisioner named {provisioner!r} in {path}")
-    return config, resolve_path(home_of(path), config.db.data_source)
+    return resolve_path(home_of(path), config.db.data_source)
 
 
-def _run_op(db: Path, op: Any) -> Any:
-    async def go() -> Any:
+def _with_acme_store(db: Path, action: Callable[[AcmeStore], Awaitable[T]]) -> T:
+    """Run `action` on the CA database's ACME store, opened for this command alone."""
+    from appliance.storage.sqlite import SqliteStore
+    from appliance.storage.sqlite_acme import SqliteAcmeStore
+
+    async def go() -> T:
         store = SqliteStore.open(db)
+        acme_store = SqliteAcmeStore(store)
         try:
-            return await store.run_op(op)
+            return await action(acme_store)
         finally:
+            await acme_store.close()
             await store.close()
 
-    try:
-        return asyncio.run(go())
-    except st.AcmeConflict as e:
-        raise BadRequest(str(e)) from None
+    return run(go())
 
 
 def _record(ca_config: Path | None, action: str, provisioner: str, ref: str | None) -> None:
-    from appliance.cli.audit_cmd import record_cli_event
-
-    path = (ca_config or default_home() / "config" / "ca.json").absolute()
-    record_cli_event(path, "provisioner.change", {"action": f"eab-{action}",
-                                                  "name": provisioner, "eab": ref})
+    record_cli_event(ca_config_path(ca_config), "provisioner.change",
+                     {"action": f"eab-{action}", "name": provisioner, "eab": ref})
 
 
-@cli.group()
+@click.group()
 def acme() -> None:
     """ACME administration."""
 
@@ -73,10 +78,11 @@ ca_config_option = click.option("--ca-config", type=click.Path(path_type=Path),
 @ca_config_option
 def eab_add(provisioner: str, reference: str | None, ca_config: Path | None) -> None:
     """Create an EAB key; prints the key id and the HMAC key (shown once)."""
-    _, db = _acme_config(ca_config, provisioner)
+    db = _acme_database(ca_config, provisioner)
     _record(ca_config, "add", provisioner, reference)
-    key: st.EabKey = _run_op(db, st.op_add_eab(provisioner, reference))
-    hmac_b64 = base64.urlsafe_b64encode(key.hmac_key).rstrip(b"=").decode()
+    key = _with_acme_store(db, lambda acme_store: acme_store.add_eab_key(
+        provisioner, reference, created_at=int(time.time())))
+    hmac_b64 = b64url_encode(key.hmac_key)
     click.echo(json.dumps({"kid": key.kid, "hmacKey": hmac_b64, "reference": reference,
                            "provisioner": provisioner}, indent=2))
 
@@ -86,8 +92,8 @@ def eab_add(provisioner: str, reference: str | None, ca_config: Path | None) -> 
 @ca_config_option
 def eab_list(provisioner: str, ca_config: Path | None) -> None:
     """List EAB keys (never their HMAC keys) and what they are bound to."""
-    _, db = _acme_config(ca_config, provisioner)
-    keys: list[st.EabKey] = _run_op(db, st.op_list_eab(provisioner))
+    db = _acme_database(ca_config, provisioner)
+    keys = _with_acme_store(db, lambda acme_store: acme_store.list_eab_keys(provisioner))
     click.echo(json.dumps([
         {"kid": k.kid, "reference": k.reference,
          "createdAt": datetime.fromtimestamp(k.created_at, UTC).isoformat(),
@@ -102,8 +108,8 @@ def eab_list(provisioner: str, ca_config: Path | None) -> None:
 @ca_config_option
 def eab_remove(provisioner: str, kid: str, ca_config: Path | None) -> None:
     """Remove an EAB key (an account already bound with it keeps working)."""
-    _, db = _acme_config(ca_config, provisioner)
+    db = _acme_database(ca_config, provisioner)
     _record(ca_config, "remove", provisioner, kid)
-    if not _run_op(db, st.op_remove_eab(provisioner, kid)):
+    if not _with_acme_store(db, lambda acme_store: acme_store.remove_eab_key(provisioner, kid)):
         raise BadRequest(f"no EAB key {kid!r} for provisioner {provisioner!r}")
     click.echo(f"Removed EAB key {kid}.")

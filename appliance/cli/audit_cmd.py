@@ -1,51 +1,34 @@
-"""applianctl audit verify|tail, and the records CLI commands write themselves."""
+"""applianctl audit verify|tail: check and read the hash-chained audit log."""
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
-from cryptography import x509
 
-from appliance.audit import AuditError, AuditEvent, tail, verify
-from appliance.cli.main import cli
-from appliance.config import CaConfig, default_home, home_of, load_config, resolve_path
-from appliance.errors import ApplianceError, BadRequest
+from appliance.cli.app import ca_config_path
+from appliance.errors import BadRequest
 
+if TYPE_CHECKING:
+    from cryptography import x509
 
-def cli_actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.geteuid())
-    return f"cli:{user}"
-
-
-def record_cli_event(config_path: Path, event: str, details: dict[str, Any],
-                     outcome: str = "success") -> None:
-    """Audit a CLI change to the CA (init, provisioner and policy edits); fail closed."""
-    from appliance.server.composition import audit_log
-
-    config = load_config(config_path)
-    log = audit_log(config, home_of(config_path))
-    try:
-        log.append_sync(AuditEvent(event, outcome, cli_actor(), details))
-    except AuditError as e:
-        raise ApplianceError(f"the audit log cannot be written: {e}") from None
+    from appliance.config import CaConfig
 
 
 def _paths(ca_config: Path | None) -> tuple[CaConfig, Path]:
-    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    from appliance.config import home_of, load_config
+
+    path = ca_config_path(ca_config)
     return load_config(path), home_of(path)
 
 
 def issuer_certificates(home: Path) -> list[x509.Certificate]:
     """Every certificate under certs/ (old intermediates included) may have signed checkpoints."""
+    from cryptography import x509
+
     certs: list[x509.Certificate] = []
     for f in sorted((home / "certs").glob("*.crt")):
         try:
@@ -55,7 +38,7 @@ def issuer_certificates(home: Path) -> list[x509.Certificate]:
     return certs
 
 
-@cli.group()
+@click.group()
 def audit() -> None:
     """The hash-chained audit log."""
 
@@ -65,6 +48,9 @@ def audit() -> None:
 @click.option("--ca-config", type=click.Path(path_type=Path))
 def audit_verify(file: Path | None, ca_config: Path | None) -> None:
     """Check the chain and the checkpoint signatures; name the first bad record."""
+    from appliance.audit import verify
+    from appliance.config import resolve_path
+
     config, home = _paths(ca_config)
     path = file or resolve_path(home, config.audit.path)
     if not path.exists():
@@ -84,6 +70,9 @@ def audit_verify(file: Path | None, ca_config: Path | None) -> None:
 @click.option("--ca-config", type=click.Path(path_type=Path))
 def audit_tail(count: int, ca_config: Path | None) -> None:
     """Print the most recent records, one JSON object per line."""
+    from appliance.audit import tail
+    from appliance.config import resolve_path
+
     config, home = _paths(ca_config)
     path = resolve_path(home, config.audit.path)
     if not path.exists():

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from appliance.audit import sign_message, verify_message
-from appliance.cli.audit_cmd import record_cli_event
-from appliance.cli.main import cli, read_secret
-from appliance.config import CaConfig, default_home, home_of, load_config, resolve_path
+from appliance.cli.app import ca_config_path, read_secret, record_cli_event
 from appliance.errors import ConfigError
-from appliance.server.composition import (
-    load_certificate,
-    module_and_token,
-    prepare_token_environment,
-)
-from appliance.server.hardening import check_secret_file
-from hsm.key_attributes import REQUIRED_KEY_ATTRIBUTES
-from hsm.pkcs11_store import Pkcs11KeyStore
-from hsm.uri import Pkcs11Uri
+
+if TYPE_CHECKING:
+    from appliance.config import CaConfig
 
 
 @dataclass
@@ -45,7 +32,7 @@ class KeyReport:
                 "problems": self.problems}
 
 
-@cli.group()
+@click.group()
 def kms() -> None:
     """The CA keys in their PKCS#11 tokens."""
 
@@ -63,7 +50,11 @@ def check(config: Path | None, issuer_password_file: Path | None,
 
     Exits 1 when any key is not as it must be (each problem is printed).
     """
-    config_path = (config or default_home() / "config" / "ca.json").absolute()
+    from appliance.config import home_of, load_config, resolve_path
+    from appliance.server.composition import prepare_token_environment
+    from appliance.server.hardening import check_secret_file
+
+    config_path = ca_config_path(config)
     for pin_file, what in ((issuer_password_file, "issuer password"),
                            (root_password_file, "root password")):
         if pin_file is not None:
@@ -100,6 +91,17 @@ def check(config: Path | None, issuer_password_file: Path | None,
 
 
 def _check_key(cfg: CaConfig, role: str, uri: str, cert_path: Path, pin: str) -> KeyReport:
+    import secrets
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    from appliance.audit import sign_message, verify_message
+    from appliance.server.composition import load_certificate, module_and_token
+    from hsm.key_attributes import REQUIRED_KEY_ATTRIBUTES
+    from hsm.pkcs11_store import Pkcs11KeyStore
+    from hsm.uri import Pkcs11Uri
+
     report = KeyReport(role, uri, cert_path)
     certificate = load_certificate(cert_path, f"{role} certificate")
     module, _ = module_and_token(cfg)
@@ -149,6 +151,8 @@ def _check_key(cfg: CaConfig, role: str, uri: str, cert_path: Path, pin: str) ->
 
 
 def _describe(public: Any) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if isinstance(public, ec.EllipticCurvePublicKey):
         return f"EC {public.curve.name}"
     if isinstance(public, rsa.RSAPublicKey):

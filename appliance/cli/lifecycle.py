@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import random
@@ -12,36 +11,38 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from appliance.authority.lifecycle import mint_renew_token, parse_serial
-from appliance.authority.provisioners.jwk_keys import generate_key
-from appliance.cli.main import (
-    _chain_pem,
+from appliance.cli.app import (
     ca_url_option,
-    cli,
+    chain_pem,
     client_from,
-    read_secret,
+    key_type_options,
+    mint_token,
     root_option,
     run,
     write_files,
+    write_key_and_chain,
 )
-from appliance.client import CaClient, make_csr
-from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest
-from appliance.issuance.crl import REASON_NAMES
-from appliance.issuance.names import san_to_text
+from appliance.home import Defaults
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+    from appliance.client import CaClient
 
 RETRY_SECONDS = 60.0
 
 
 def load_pair(crt_file: Path, key_file: Path) -> tuple[x509.Certificate, PrivateKeyTypes]:
+    """The certificate and its unencrypted key, refused unless the key is the certificate's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert = x509.load_pem_x509_certificates(crt_file.read_bytes())[0]
     except (ValueError, IndexError):
@@ -72,6 +73,9 @@ def confirm_overwrite(path: Path, force: bool) -> None:
 
 def can_be_tls_client(cert: x509.Certificate) -> bool:
     """TLS refuses a client certificate whose extendedKeyUsage lacks clientAuth."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -79,16 +83,19 @@ def can_be_tls_client(cert: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
-async def renew_once(client_args: tuple[str, Path], crt_file: Path, key_file: Path
-                     ) -> list[x509.Certificate]:
+def renew_once(client_args: tuple[str, Path], crt_file: Path, key_file: Path
+               ) -> list[x509.Certificate]:
     """mTLS while the certificate is valid and may be a TLS client certificate; otherwise an
     x5c token signed by its key (expired certificates, serverAuth-only certificates)."""
+    from appliance.authority.lifecycle import mint_renew_token
+    from appliance.client import CaClient
+
     cert, key = load_pair(crt_file, key_file)
     ca_url, root = client_args
     if datetime.now(UTC) < cert.not_valid_after_utc and can_be_tls_client(cert):
-        return await CaClient(ca_url, root, (crt_file, key_file)).renew()
+        return CaClient(ca_url, root, (crt_file, key_file)).renew()
     client = CaClient(ca_url, root)
-    return await client.renew(bearer=mint_renew_token(cert, key, f"{client.ca_url}/1.0/renew"))
+    return client.renew(token=mint_renew_token(cert, key, f"{client.ca_url}/1.0/renew"))
 
 
 def after_renewal(exec_cmd: str | None, pid: int | None, pid_file: Path | None,
@@ -133,6 +140,8 @@ def next_renewal(cert: x509.Certificate, renew_period: timedelta | None,
 
 async def renew_daemon(client_args: tuple[str, Path], crt_file: Path, key_file: Path,
                        renew_period: timedelta | None, hooks: tuple[Any, ...]) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     now_please = asyncio.Event()
@@ -151,20 +160,21 @@ async def renew_daemon(client_args: tuple[str, Path], crt_file: Path, key_file: 
             break
         now_please.clear()
         try:
-            chain = await renew_once(client_args, crt_file, key_file)
+            # In a thread: the loop keeps taking SIGTERM and SIGHUP while the CA answers.
+            chain = await asyncio.to_thread(renew_once, client_args, crt_file, key_file)
         except ApplianceError as e:
             click.echo(f"error: renewal failed: {e.message}; retrying in "
                        f"{int(RETRY_SECONDS)} s", err=True)
             delay = RETRY_SECONDS
             continue
-        replace_file(crt_file, _chain_pem(chain), 0o644)
+        replace_file(crt_file, chain_pem(chain), 0o644)
         click.echo(f"Your certificate has been saved in {crt_file}.", err=True)
         after_renewal(*hooks)
         delay = next_renewal(chain[0], renew_period, datetime.now(UTC))
         click.echo(f"renewal daemon: next renewal in {int(delay)} s", err=True)
 
 
-@cli.command()
+@click.command()
 @click.argument("crt_file", type=click.Path(path_type=Path, exists=True))
 @click.argument("key_file", type=click.Path(path_type=Path, exists=True))
 @click.option("--force", is_flag=True, help="Overwrite CRT_FILE without asking.")
@@ -181,6 +191,8 @@ def renew(crt_file: Path, key_file: Path, force: bool, expires_in: str | None, d
           renew_period: str | None, exec_cmd: str | None, pid: int | None,
           pid_file: Path | None, sig: str, ca_url: str | None, root: Path | None) -> None:
     """Renew a certificate: same names, same key, a fresh validity period."""
+    from appliance.durations import parse_duration
+
     client, _ = client_from(ca_url, root)
     args = (client.ca_url, root or client_root(client))
     hooks = (exec_cmd, pid, pid_file, sig)
@@ -199,33 +211,36 @@ def renew(crt_file: Path, key_file: Path, force: bool, expires_in: str | None, d
                    f"{cert.not_valid_after_utc.isoformat()}, later than --expires-in {expires_in}")
         return
     confirm_overwrite(crt_file, force)
-    chain = run(renew_once(args, crt_file, key_file))
-    replace_file(crt_file, _chain_pem(chain), 0o644)
+    chain = renew_once(args, crt_file, key_file)
+    replace_file(crt_file, chain_pem(chain), 0o644)
     click.echo(f"Your certificate has been saved in {crt_file}.")
     after_renewal(*hooks)
 
 
 def client_root(client: CaClient) -> Path:
-    from appliance.config import Defaults
-
     defaults = Defaults.load()
     if defaults is None:
         raise BadRequest("no root certificate: pass --root or run bootstrap")
     return defaults.root
 
 
-@cli.command()
+@click.command()
 @click.argument("crt_file", type=click.Path(path_type=Path, exists=True))
 @click.argument("key_file", type=click.Path(path_type=Path, exists=True))
-@click.option("--kty", type=click.Choice(["EC", "RSA", "OKP"]), default="EC", show_default=True)
-@click.option("--curve", default="P-256", show_default=True)
-@click.option("--size", type=int, default=2048, show_default=True)
+@key_type_options
 @click.option("--force", is_flag=True, help="Overwrite CRT_FILE and KEY_FILE without asking.")
 @ca_url_option
 @root_option
 def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force: bool,
           ca_url: str | None, root: Path | None) -> None:
     """A new key pair and certificate for the same identity (over mTLS)."""
+    from cryptography import x509
+
+    from appliance.authority.lifecycle import mint_renew_token
+    from appliance.authority.provisioners.jwk_keys import generate_key
+    from appliance.client import CaClient, make_csr
+    from appliance.issuance.names import san_to_text
+
     client, _ = client_from(ca_url, root)
     cert, old_key = load_pair(crt_file, key_file)
     confirm_overwrite(crt_file, force)
@@ -239,22 +254,17 @@ def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force
     csr = make_csr(new_key, str(cn[0].value) if cn else "", sans)
     if can_be_tls_client(cert):
         mtls = CaClient(client.ca_url, root or client_root(client), (crt_file, key_file))
-        chain = run(mtls.rekey(csr))
+        chain = mtls.rekey(csr)
     else:
         plain = CaClient(client.ca_url, root or client_root(client))
-        chain = run(plain.rekey(csr, bearer=mint_renew_token(
-            cert, old_key, f"{plain.ca_url}/1.0/rekey")))
-    write_files([
-        (key_file, new_key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()), 0o600),
-        (crt_file, _chain_pem(chain), 0o644),
-    ])
-    click.echo(f"Your certificate has been saved in {crt_file}.")
-    click.echo(f"Your private key has been saved in {key_file}.")
+        chain = plain.rekey(csr, token=mint_renew_token(
+            cert, old_key, f"{plain.ca_url}/1.0/rekey"))
+    write_key_and_chain(key_file, new_key, crt_file, chain)
 
 
 def reason_code_of(reason_code: str | None) -> int:
+    from appliance.issuance.crl import REASON_NAMES
+
     if reason_code is None:
         return 0
     if reason_code.isdigit():
@@ -266,7 +276,7 @@ def reason_code_of(reason_code: str | None) -> int:
     return code
 
 
-@cli.command()
+@click.command()
 @click.argument("serial", required=False)
 @click.option("--cert", "crt_file", type=click.Path(path_type=Path, exists=True),
               help="Revoke this certificate over mTLS (with --key).")
@@ -283,6 +293,9 @@ def revoke(serial: str | None, crt_file: Path | None, key_file: Path | None, rea
            reason_code: str | None, ott: str | None, provisioner: str | None,
            password_file: Path | None, ca_url: str | None, root: Path | None) -> None:
     """Revoke a certificate by SERIAL (decimal or 0x hex) or with --cert/--key."""
+    from appliance.authority.lifecycle import parse_serial
+    from appliance.client import CaClient
+
     client, defaults = client_from(ca_url, root)
     code = reason_code_of(reason_code)
     if crt_file is not None:
@@ -291,34 +304,28 @@ def revoke(serial: str | None, crt_file: Path | None, key_file: Path | None, rea
         cert, _ = load_pair(crt_file, key_file)
         number = cert.serial_number
         mtls = CaClient(client.ca_url, root or client_root(client), (crt_file, key_file))
-        run(mtls.revoke(number, None, code, reason))
+        mtls.revoke(number, None, code, reason)
     else:
         if not serial:
             raise BadRequest("give a SERIAL, or --cert and --key")
         number = parse_serial(serial)
-
-        async def go() -> None:
-            token_ = ott
-            if not token_:
-                password = read_secret(password_file, "Provisioner password: ", "password")
-                signer = await client.token_signer(provisioner, password.encode())
-                token_ = signer.mint(str(number), f"{client.ca_url}/1.0/revoke", sans=[],
-                                     root_fingerprint=defaults.fingerprint if defaults else None)
-            await client.revoke(number, token_, code, reason)
-
-        run(go())
+        token_ = ott or mint_token(client, defaults, str(number), [], provisioner,
+                                   password_file, endpoint="/1.0/revoke")
+        client.revoke(number, token_, code, reason)
     click.echo(f"Certificate with Serial Number {number} has been revoked.")
 
 
-@cli.command()
+@click.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--der", is_flag=True, help="Write DER instead of PEM.")
 @ca_url_option
 @root_option
 def crl(file: Path | None, der: bool, ca_url: str | None, root: Path | None) -> None:
     """Download the CA's current CRL (PEM to stdout, or to FILE)."""
+    from cryptography.hazmat.primitives import serialization
+
     client, _ = client_from(ca_url, root)
-    lst = run(client.crl())
+    lst = client.crl()
     data = lst.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM)
     if file:
         replace_file(file, data, 0o644)

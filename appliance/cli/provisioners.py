@@ -6,40 +6,33 @@ connections; an invalid file is never written, so a reload cannot load one.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-from cryptography.hazmat.primitives import serialization
-from pydantic import ValidationError
 
-from appliance.authority.authority import load_template
-from appliance.authority.claims import Claims
-from appliance.authority.provisioners.jwk_keys import (
-    encrypt_private_key,
-    generate_key,
-    public_jwk,
-    thumbprint,
-)
-from appliance.cli.main import ca_url_option, cli, client_from, read_secret, root_option, run
-from appliance.config import (
-    ClaimsConfig,
-    default_home,
-    home_of,
-    load_config,
-    parse_config,
-    write_config,
+from appliance.cli.app import (
+    ca_config_path,
+    ca_url_option,
+    client_from,
+    read_secret,
+    record_cli_event,
+    root_option,
+    with_options,
 )
 from appliance.errors import BadRequest, ConfigError
 
 
-def _config_path(ca_config: Path | None) -> Path:
-    return (ca_config or default_home() / "config" / "ca.json").absolute()
-
-
 def _save(path: Path, data: dict[str, Any], action: str, name: str,
           policy_changed: bool = False) -> None:
+    from appliance.authority.authority import load_template
+    from appliance.authority.claims import Claims
+    from appliance.config import home_of, parse_config, write_config
+
     config = parse_config(data, str(path))
     global_claims = Claims().merged(config.authority.claims)
     for p in config.authority.provisioners:
@@ -48,8 +41,6 @@ def _save(path: Path, data: dict[str, Any], action: str, name: str,
         except ConfigError as e:
             raise ConfigError(f"provisioner {p.name!r}: {e.message}") from None
         load_template(p, home_of(path))  # compiles and sample-renders; ConfigError names it
-    from appliance.cli.audit_cmd import record_cli_event
-
     # Recorded first: a change the audit log cannot hold is not made.
     record_cli_event(path, "provisioner.change", {"action": action, "name": name})
     if policy_changed:
@@ -59,9 +50,19 @@ def _save(path: Path, data: dict[str, Any], action: str, name: str,
                "`systemctl reload appliance` or `kill -HUP <pid>`.")
 
 
+def _config_json(path: Path) -> dict[str, Any]:
+    from appliance.config import load_config
+
+    return load_config(path).to_json()
+
+
 def _claims(existing: dict[str, Any] | None, min_dur: str | None, max_dur: str | None,
             default_dur: str | None, disable_renewal: bool | None,
             allow_after_expiry: bool | None) -> dict[str, Any] | None:
+    from pydantic import ValidationError
+
+    from appliance.config import ClaimsConfig
+
     claims = dict(existing or {})
     for key, value in (("minTLSCertDuration", min_dur), ("maxTLSCertDuration", max_dur),
                        ("defaultTLSCertDuration", default_dur),
@@ -80,14 +81,14 @@ def _claims(existing: dict[str, Any] | None, min_dur: str | None, max_dur: str |
 
 
 def _load_public(path: Path) -> dict[str, Any]:
+    from appliance.authority.provisioners.jwk_keys import jwk_alg, thumbprint
+
     text = path.read_text()
     if text.lstrip().startswith("{"):
         jwk_data = json.loads(text)
         if "d" in jwk_data:
             raise BadRequest(f"{path} holds a private JWK; pass it with --private-key")
         jwk_data = {k: v for k, v in jwk_data.items() if k in ("kty", "crv", "x", "y", "n", "e")}
-        from appliance.authority.provisioners.jwk_keys import jwk_alg
-
         jwk_data["kid"] = thumbprint(jwk_data)
         jwk_data["use"] = "sig"
         jwk_data["alg"] = jwk_alg(jwk_data)
@@ -97,6 +98,14 @@ def _load_public(path: Path) -> dict[str, Any]:
 
 def _key_material(create: bool, public_key: Path | None, private_key: Path | None,
                   password_file: Path | None) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    from appliance.authority.provisioners.jwk_keys import (
+        encrypt_private_key,
+        generate_key,
+        public_jwk,
+    )
+
     if sum(x is not None and x is not False for x in (create, public_key, private_key)) != 1:
         raise BadRequest("give exactly one of --create, --public-key or --private-key")
     if public_key is not None:
@@ -112,35 +121,8 @@ def _key_material(create: bool, public_key: Path | None, private_key: Path | Non
     return {"key": public_jwk(key), "encryptedKey": encrypt_private_key(key, password.encode())}
 
 
-claims_options = [
-    click.option("--x509-min-dur", help="Minimum certificate duration, e.g. 5m."),
-    click.option("--x509-max-dur", help="Maximum certificate duration, e.g. 24h."),
-    click.option("--x509-default-dur", help="Default certificate duration."),
-    click.option("--disable-renewal/--allow-renewal", "disable_renewal", default=None,
-                 help="Refuse (or allow) renewals of this provisioner's certificates."),
-    click.option("--allow-renewal-after-expiry/--disallow-renewal-after-expiry",
-                 "allow_after_expiry", default=None,
-                 help="Allow renewing an expired certificate with an x5c token."),
-    click.option("--x509-template", type=click.Path(path_type=Path, exists=True),
-                 help="Certificate template file (Jinja2, sandboxed); stored inline."),
-    click.option("--x509-template-data", type=click.Path(path_type=Path, exists=True),
-                 help="JSON object the template reads as Data."),
-    click.option("--ca-config", type=click.Path(path_type=Path),
-                 help="ca.json to edit (default: $APPLIANCE_HOME/config/ca.json)."),
-]
-
-
 POLICY_KINDS = ("cn", "dns", "ip", "email", "uri")
-
-
-def policy_options(f: Any) -> Any:
-    for side in ("deny", "allow"):
-        for kind in reversed(POLICY_KINDS):
-            f = click.option(f"--x509-{side}-{kind}", f"{side}_{kind}", multiple=True,
-                             help=f"Name policy: {side} this {kind} pattern (repeatable).")(f)
-    return click.option("--x509-allow-wildcard-names/--x509-deny-wildcard-names",
-                        "allow_wildcards", default=None,
-                        help="Name policy: allow wildcard DNS names.")(f)
+POLICY_NAMES = tuple(f"{side}_{kind}" for side in ("allow", "deny") for kind in POLICY_KINDS)
 
 
 def _apply_policy(entry: dict[str, Any], allow_wildcards: bool | None,
@@ -175,13 +157,73 @@ def _apply_template(entry: dict[str, Any], template: Path | None, data: Path | N
         x509_options["templateData"] = loaded
 
 
-def with_claims_options(f: Any) -> Any:
-    for option in reversed(claims_options):
-        f = option(f)
-    return f
+@dataclass(frozen=True)
+class EntryEdits:
+    """What add and update change besides the key: claims, the template and the name policy."""
+
+    min_dur: str | None
+    max_dur: str | None
+    default_dur: str | None
+    disable_renewal: bool | None
+    allow_after_expiry: bool | None
+    template: Path | None
+    template_data: Path | None
+    allow_wildcards: bool | None
+    policy: dict[str, tuple[str, ...]]  # "allow_dns": patterns, ...
+
+    @property
+    def policy_changed(self) -> bool:
+        return self.allow_wildcards is not None or any(self.policy.values())
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        claims = _claims(entry.get("claims"), self.min_dur, self.max_dur, self.default_dur,
+                         self.disable_renewal, self.allow_after_expiry)
+        if claims:
+            entry["claims"] = claims
+        _apply_template(entry, self.template, self.template_data)
+        _apply_policy(entry, self.allow_wildcards, self.policy)
 
 
-@cli.group()
+edit_options = [
+    click.option("--x509-min-dur", help="Minimum certificate duration, e.g. 5m."),
+    click.option("--x509-max-dur", help="Maximum certificate duration, e.g. 24h."),
+    click.option("--x509-default-dur", help="Default certificate duration."),
+    click.option("--disable-renewal/--allow-renewal", "disable_renewal", default=None,
+                 help="Refuse (or allow) renewals of this provisioner's certificates."),
+    click.option("--allow-renewal-after-expiry/--disallow-renewal-after-expiry",
+                 "allow_after_expiry", default=None,
+                 help="Allow renewing an expired certificate with an x5c token."),
+    click.option("--x509-template", type=click.Path(path_type=Path, exists=True),
+                 help="Certificate template file (Jinja2, sandboxed); stored inline."),
+    click.option("--x509-template-data", type=click.Path(path_type=Path, exists=True),
+                 help="JSON object the template reads as Data."),
+    click.option("--ca-config", type=click.Path(path_type=Path),
+                 help="ca.json to edit (default: $APPLIANCE_HOME/config/ca.json)."),
+    click.option("--x509-allow-wildcard-names/--x509-deny-wildcard-names",
+                 "allow_wildcards", default=None,
+                 help="Name policy: allow wildcard DNS names."),
+    *(click.option(f"--x509-{name.replace('_', '-')}", name, multiple=True,
+                   help=f"Name policy: {name.split('_')[0]} this {name.split('_')[1]} pattern "
+                   "(repeatable).")
+      for name in POLICY_NAMES),
+]
+
+
+def with_entry_edits(command: Callable[..., None]) -> Callable[..., None]:
+    """The claims, template and policy options, handed to `command` as one EntryEdits."""
+    @functools.wraps(command)
+    def gather(**options: Any) -> None:
+        edits = EntryEdits(
+            options.pop("x509_min_dur"), options.pop("x509_max_dur"),
+            options.pop("x509_default_dur"), options.pop("disable_renewal"),
+            options.pop("allow_after_expiry"), options.pop("x509_template"),
+            options.pop("x509_template_data"), options.pop("allow_wildcards"),
+            {name: options.pop(name) for name in POLICY_NAMES})
+        command(edits=edits, **options)
+    return with_options(*edit_options)(gather)
+
+
+@click.group()
 def provisioner() -> None:
     """Manage provisioners (edits ca.json; reload the CA to apply)."""
 
@@ -202,19 +244,14 @@ def provisioner() -> None:
               help="PEM private key to store encrypted.")
 @click.option("--password-file", type=click.Path(path_type=Path),
               help="Password that encrypts the provisioner key.")
-@with_claims_options
-@policy_options
+@with_entry_edits
 def provisioner_add(name: str, kind: str, challenges: tuple[str, ...], require_eab: bool,
                     force_cn: bool, create: bool, public_key: Path | None,
                     private_key: Path | None, password_file: Path | None,
-                    x509_min_dur: str | None, x509_max_dur: str | None,
-                    x509_default_dur: str | None, disable_renewal: bool | None,
-                    allow_after_expiry: bool | None, x509_template: Path | None,
-                    x509_template_data: Path | None, ca_config: Path | None,
-                    allow_wildcards: bool | None, **policy: tuple[str, ...]) -> None:
+                    ca_config: Path | None, edits: EntryEdits) -> None:
     """Add a provisioner."""
-    path = _config_path(ca_config)
-    data = load_config(path).to_json()
+    path = ca_config_path(ca_config)
+    data = _config_json(path)
     if any(p["name"] == name for p in data["authority"].get("provisioners", [])):
         raise BadRequest(f"a provisioner named {name!r} already exists")
     entry: dict[str, Any] = {"type": kind.upper(), "name": name}
@@ -231,14 +268,9 @@ def provisioner_add(name: str, kind: str, challenges: tuple[str, ...], require_e
         if challenges or require_eab or force_cn:
             raise BadRequest("--challenge, --require-eab and --force-cn are for --type ACME")
         entry.update(_key_material(create, public_key, private_key, password_file))
-    claims = _claims(None, x509_min_dur, x509_max_dur, x509_default_dur, disable_renewal,
-                     allow_after_expiry)
-    if claims:
-        entry["claims"] = claims
-    _apply_template(entry, x509_template, x509_template_data)
-    _apply_policy(entry, allow_wildcards, policy)
+    edits.apply(entry)
     data["authority"].setdefault("provisioners", []).append(entry)
-    _save(path, data, "add", name, allow_wildcards is not None or any(policy.values()))
+    _save(path, data, "add", name, edits.policy_changed)
 
 
 @provisioner.command("update")
@@ -247,18 +279,13 @@ def provisioner_add(name: str, kind: str, challenges: tuple[str, ...], require_e
 @click.option("--create", is_flag=True, help="Replace the key with a new one.")
 @click.option("--public-key", type=click.Path(path_type=Path, exists=True))
 @click.option("--private-key", type=click.Path(path_type=Path, exists=True))
-@with_claims_options
-@policy_options
+@with_entry_edits
 def provisioner_update(name: str, password_file: Path | None, create: bool,
                        public_key: Path | None, private_key: Path | None,
-                       x509_min_dur: str | None, x509_max_dur: str | None,
-                       x509_default_dur: str | None, disable_renewal: bool | None,
-                       allow_after_expiry: bool | None, x509_template: Path | None,
-                       x509_template_data: Path | None, ca_config: Path | None,
-                       allow_wildcards: bool | None, **policy: tuple[str, ...]) -> None:
+                       ca_config: Path | None, edits: EntryEdits) -> None:
     """Change a provisioner's claims, key or template."""
-    path = _config_path(ca_config)
-    data = load_config(path).to_json()
+    path = ca_config_path(ca_config)
+    data = _config_json(path)
     entry = next((p for p in data["authority"].get("provisioners", []) if p["name"] == name),
                  None)
     if entry is None:
@@ -266,13 +293,8 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
     if create or public_key or private_key:
         entry.pop("encryptedKey", None)
         entry.update(_key_material(create, public_key, private_key, password_file))
-    claims = _claims(entry.get("claims"), x509_min_dur, x509_max_dur, x509_default_dur,
-                     disable_renewal, allow_after_expiry)
-    if claims:
-        entry["claims"] = claims
-    _apply_template(entry, x509_template, x509_template_data)
-    _apply_policy(entry, allow_wildcards, policy)
-    _save(path, data, "update", name, allow_wildcards is not None or any(policy.values()))
+    edits.apply(entry)
+    _save(path, data, "update", name, edits.policy_changed)
 
 
 @provisioner.command("remove")
@@ -280,8 +302,8 @@ def provisioner_update(name: str, password_file: Path | None, create: bool,
 @click.option("--ca-config", type=click.Path(path_type=Path))
 def provisioner_remove(name: str, ca_config: Path | None) -> None:
     """Remove a provisioner; its tokens are refused after the next reload."""
-    path = _config_path(ca_config)
-    data = load_config(path).to_json()
+    path = ca_config_path(ca_config)
+    data = _config_json(path)
     before = data["authority"].get("provisioners", [])
     after = [p for p in before if p["name"] != name]
     if len(after) == len(before):
@@ -298,8 +320,8 @@ def provisioner_remove(name: str, ca_config: Path | None) -> None:
 def provisioner_list(ca_config: Path | None, ca_url: str | None, root: Path | None) -> None:
     """Print the provisioners as JSON (from the CA, or from --ca-config)."""
     if ca_config is not None:
-        items = load_config(ca_config).to_json()["authority"].get("provisioners", [])
+        items = _config_json(ca_config)["authority"].get("provisioners", [])
     else:
         client, _ = client_from(ca_url, root)
-        items = run(client.provisioners())
+        items = client.provisioners()
     click.echo(json.dumps(items, indent=3))

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import getpass
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from appliance.cli.main import cli
-from appliance.config import default_home, home_of, load_config, resolve_path
+from appliance.cli.app import ca_config_path, record_cli_event, with_options
 from appliance.errors import ApplianceError, BadRequest
-from appliance.unlock.admin import admin_request
-from appliance.unlock.quorum import parse_quorum, read_share_text
 
 
 def _socket(ca_config: Path | None, socket_path: Path | None) -> Path:
+    from appliance.config import home_of, load_config, resolve_path
+
     if socket_path is not None:
         return socket_path
-    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    path = ca_config_path(ca_config)
     config = load_config(path)
     return resolve_path(home_of(path), config.unlock.admin_socket)
 
 
 def _share_texts(files: tuple[Path, ...], prompts: int) -> list[str]:
+    import getpass
+
+    from appliance.unlock.quorum import read_share_text
+
     if files:
         return [read_share_text(f.read_text()) for f in files]
     if not sys.stdin.isatty():
@@ -33,21 +34,15 @@ def _share_texts(files: tuple[Path, ...], prompts: int) -> list[str]:
             for i in range(prompts)]
 
 
-socket_options = [
+with_socket = with_options(
     click.option("--ca-config", type=click.Path(path_type=Path),
                  help="ca.json (default: $APPLIANCE_HOME/config/ca.json)."),
     click.option("--socket", "socket_path", type=click.Path(path_type=Path),
                  help="The CA's admin socket (default: from ca.json)."),
-]
+)
 
 
-def with_socket(f: Any) -> Any:
-    for option in reversed(socket_options):
-        f = option(f)
-    return f
-
-
-@cli.command()
+@click.command()
 @click.option("--share-file", "share_files", multiple=True, type=click.Path(path_type=Path,
               exists=True), help="A share file (repeatable); else the share is typed, unechoed.")
 @click.option("--reset", is_flag=True, help="Discard the shares handed in so far.")
@@ -57,6 +52,8 @@ def with_socket(f: Any) -> Any:
 def unlock(share_files: tuple[Path, ...], reset: bool, status_only: bool,
            ca_config: Path | None, socket_path: Path | None) -> None:
     """Hand unseal share(s) to the running CA over its admin socket."""
+    from appliance.unlock.admin import admin_request
+
     sock = _socket(ca_config, socket_path)
     if reset or status_only:
         answer = admin_request(sock, {"op": "reset" if reset else "status"})
@@ -76,17 +73,19 @@ def unlock(share_files: tuple[Path, ...], reset: bool, status_only: bool,
         sys.exit(1)
 
 
-@cli.command()
+@click.command()
 @with_socket
 def seal(ca_config: Path | None, socket_path: Path | None) -> None:
     """Take the issuer key offline: drain the workers and log out of the token."""
+    from appliance.unlock.admin import admin_request
+
     answer = admin_request(_socket(ca_config, socket_path), {"op": "seal"})
     if not answer.get("sealed"):
         raise ApplianceError(answer.get("error") or "the CA did not seal")
     click.echo("sealed")
 
 
-@cli.command("rekey-shares")
+@click.command("rekey-shares")
 @click.option("--quorum", required=True, help="M/N of the new share set.")
 @click.option("--share-dir", required=True, type=click.Path(path_type=Path),
               help="Where to write the new shares.")
@@ -98,13 +97,12 @@ def rekey_shares_cmd(quorum: str, share_dir: Path, share_files: tuple[Path, ...]
                      ca_config: Path | None) -> None:
     """New custodian shares for the same PIN; the old set stops working."""
     from appliance.ceremony.quorum import rekey_shares
-    from appliance.unlock.quorum import SealedPin
+    from appliance.config import home_of, load_config, resolve_path
+    from appliance.unlock.quorum import SealedPin, parse_quorum
 
-    path = (ca_config or default_home() / "config" / "ca.json").absolute()
+    path = ca_config_path(ca_config)
     config = load_config(path)
     sealed = SealedPin.load(resolve_path(home_of(path), config.unlock.sealed_pin))
-    from appliance.cli.audit_cmd import record_cli_event
-
     current = _share_texts(share_files, sealed.threshold)
     new_quorum = parse_quorum(quorum)
     record_cli_event(path, "unseal.share", {"action": "rekey-shares",
