@@ -1,27 +1,29 @@
-"""Append-only, hash-chained audit log (see log.py and docs/audit.md)."""
+"""Append-only, hash-chained audit log (see docs/audit.md).
 
-from appliance.audit.log import (
-    EVENTS,
-    AuditError,
-    AuditEvent,
-    AuditLog,
+record.py: the event and its line (format, hash chain, secrets left out); checkpoint.py: the
+issuer key's signatures over the chain head; log.py: the file writer (AuditLog); verify.py:
+reading back (verify, tail); sink.py: the AuditSink protocol callers depend on.
+"""
+
+from appliance.audit.checkpoint import (
     Signer,
-    VerifyResult,
     certificate_sha256,
     checkpoint_algorithm,
     checkpoint_message,
-    is_secret_key,
     sign_message,
-    tail,
-    verify,
     verify_message,
 )
+from appliance.audit.log import AuditLog
+from appliance.audit.record import EVENTS, AuditError, AuditEvent, is_secret_key
+from appliance.audit.sink import AuditSink
+from appliance.audit.verify import VerifyResult, tail, verify
 
 __all__ = [
     "EVENTS",
     "AuditError",
     "AuditEvent",
     "AuditLog",
+    "AuditSink",
     "Signer",
     "VerifyResult",
     "certificate_sha256",

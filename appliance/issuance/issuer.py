@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from appliance.audit import AuditError, AuditEvent, AuditLog, Signer, sign_message
+from appliance.audit import AuditError, AuditEvent, AuditSink, Signer, sign_message
 from appliance.errors import ApplianceError, Unauthorized, Unavailable
 from appliance.issuance.names import san_to_text
 from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
@@ -150,7 +150,7 @@ class Issuer:
         signing_key: CertificateIssuerPrivateKeyTypes,
         run_signing: SigningRunner,
         store: Store,
-        audit: AuditLog | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         self.audit = audit
         self.certificate = certificate
