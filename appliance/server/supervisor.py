@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from setproctitle import setproctitle
 
 from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import create_sealed_app
@@ -459,6 +460,7 @@ async def _serve(options: ServeOptions, config: CaConfig, issuer_pin: str | None
 
 def run_server(options: ServeOptions, issuer_pin: str | None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit code."""
+    setproctitle("applianctl: supervisor")
     try:
         config = load_config(options.config_path)
     except ConfigError:

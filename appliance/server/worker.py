@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from setproctitle import setproctitle
 
 from appliance.errors import ApplianceError
 from appliance.issuance.ca_certs import pem
@@ -51,6 +52,8 @@ def run_loop(coro: Any) -> Any:
 def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
                 control: Conn, channel: socket.socket, cpu: int | None = None) -> None:
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
+    # ps, top and systemctl status name it, instead of showing multiprocessing's command line.
+    setproctitle(f"applianctl: worker {index}")
     # First, before any thread exists: the threads started later (PKCS#11, database, audit)
     # inherit the CPU. They take turns on the one GIL anyway; on one CPU a hand-over of the
     # GIL is a local switch instead of a wake-up on another CPU (measured: 13-33 % more

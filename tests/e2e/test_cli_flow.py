@@ -304,11 +304,17 @@ async def assert_four_connections_per_worker(ca: CaServer) -> None:
     assert sorted(Counter(served).items()) == [(w, 4) for w in range(WORKERS)], served
 
 
+def process_title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+
+
 def worker_pids(ca: CaServer) -> list[int]:
+    """The supervisor's workers, by their process titles (`applianctl: worker N`)."""
     assert ca.process is not None
+    assert process_title(ca.process.pid) == "applianctl: supervisor"
     children = Path(f"/proc/{ca.process.pid}/task/{ca.process.pid}/children").read_text().split()
     return [int(pid) for pid in children
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            if process_title(int(pid)).startswith("applianctl: worker ")]
 
 
 async def health_on_new_connections(ca: CaServer, count: int) -> list[bytes]:
@@ -334,6 +340,9 @@ async def health_on_new_connections(ca: CaServer, count: int) -> list[bytes]:
 async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaServer) -> None:
     before = worker_pids(ca)
     assert len(before) == WORKERS
+    assert sorted(process_title(pid) for pid in before) == [
+        f"applianctl: worker {i}" for i in range(WORKERS)], "each worker names its index"
+    killed_title = process_title(before[0])
     cpus_before = thread_cpus(before[0])
     since = ca.log_size()
     os.kill(before[0], signal.SIGKILL)
@@ -350,6 +359,7 @@ async def test_a_killed_worker_is_replaced_without_losing_a_connection(ca: CaSer
         before, after, ready)
     # The replacement takes the place of the worker it replaces, on the same CPU.
     assert thread_cpus(ready["pid"]) == cpus_before, (cpus_before, ready)
+    assert process_title(ready["pid"]) == killed_title
     # Once it is ready, the replacement takes its turn again.
     await assert_four_connections_per_worker(ca)
 
