@@ -10,7 +10,6 @@ stack trace.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import ipaddress
 import os
@@ -34,6 +33,8 @@ import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography import x509
 from yarl import URL
+
+from appliance.jose.base64url import b64url_encode
 
 ProblemType = Literal["connection", "dns", "incorrectResponse", "tls", "unauthorized", "malformed"]
 
@@ -157,7 +158,7 @@ async def validate_dns01(value: str, key_authorization: str, settings: Validatio
     For a wildcard identifier the caller passes the base name (RFC 8555 §8.4).
     """
     name = _identifier_host("dns", value)
-    expected = _b64url(hashlib.sha256(key_authorization.encode()).digest())
+    expected = b64url_encode(hashlib.sha256(key_authorization.encode()).digest())
     qname = f"_acme-challenge.{name}"
     async with _bounded(settings, "dns"):
         found = await _txt_values(qname, settings)
@@ -231,10 +232,6 @@ def _identifier_host(identifier_type: str, value: str) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _os_reason(exc: OSError) -> str:

@@ -7,37 +7,36 @@ process, and after a restart. Expired nonces are refused by their MAC'd expiry a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
 import struct
-import time
+from collections.abc import Callable
+
+from appliance.errors import ApplianceError
+from appliance.jose.base64url import b64url_decode, b64url_encode
 
 NONCE_LIFETIME = 3600
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 class NonceIssuer:
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, clock: Callable[[], float]) -> None:
         self._key = key
+        self._clock = clock
 
-    def new(self, now: float | None = None) -> str:
-        expires = int(now if now is not None else time.time()) + NONCE_LIFETIME
+    def new(self) -> str:
+        expires = int(self._clock()) + NONCE_LIFETIME
         body = secrets.token_bytes(16) + struct.pack(">Q", expires)
         mac = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
-        return _b64(body + mac)
+        return b64url_encode(body + mac)
 
-    def check(self, nonce: str, now: float | None = None) -> int | None:
+    def check(self, nonce: str) -> int | None:
         """The nonce's expiry if it is ours and unexpired; None otherwise (not yet 'used')."""
         if not isinstance(nonce, str) or len(nonce) > 64:
             return None
         try:
-            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
-        except (ValueError, TypeError):
+            raw = b64url_decode(nonce)
+        except ApplianceError:
             return None
         if len(raw) != 40:
             return None
@@ -45,6 +44,6 @@ class NonceIssuer:
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()[:16]):
             return None
         (expires,) = struct.unpack(">Q", body[16:])
-        if expires < (now if now is not None else time.time()):
+        if expires < self._clock():
             return None
         return int(expires)

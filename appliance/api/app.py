@@ -28,6 +28,7 @@ from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
 from appliance.issuance.issuer import IssuedCertificate
+from appliance.web_edge import EdgeAnswer, RouteRole, declare_route, rules_of
 
 log = structlog.get_logger("appliance.api")
 
@@ -47,8 +48,6 @@ class ApiState:
     issuance_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
     failed_auth_limit: TokenBuckets = field(default_factory=lambda: TokenBuckets(0, 0))
     request_timeout: float = 30.0
-    # Set by the ACME app when mounted: adds its headers (Replay-Nonce...) to the edge's 429s.
-    acme_headers: Callable[[web.Request, web.StreamResponse], Awaitable[None]] | None = None
 
     def apply_limits(self, config: CaConfig) -> None:
         """(Re)build the rate limits and time limit from ca.json."""
@@ -56,10 +55,6 @@ class ApiState:
         self.issuance_limit = TokenBuckets(rl.issuance.per_second, rl.issuance.burst)
         self.failed_auth_limit = TokenBuckets(rl.failed_auth.per_second, rl.failed_auth.burst)
         self.request_timeout = parse_duration(config.request_timeout).total_seconds()
-
-
-ISSUING_PATHS = ("/sign", "/renew", "/rekey", "/finalize", "/new-order")
-AUDITED_PATHS = (*ISSUING_PATHS, "/revoke", "/revoke-cert", "/new-account")
 
 
 STATE = web.AppKey("state", ApiState)
@@ -88,20 +83,20 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-async def _too_many(request: web.Request, state: ApiState, wait: float, what: str
-                    ) -> web.Response:
+async def _edge_answer(request: web.Request, answer: EdgeAnswer | None, status: int,
+                       message: str) -> web.StreamResponse:
+    request["error"] = message
+    if answer is None:
+        return error_body(status, message)
+    return await answer(request, status, message)
+
+
+async def _too_many(request: web.Request, answer: EdgeAnswer | None, wait: float, what: str
+                    ) -> web.StreamResponse:
     seconds = max(int(wait + 0.999), 1)
     message = f"too many {what} from {request.remote}; retry in {seconds} s"
-    if "/acme/" in request.path:
-        response = web.json_response(
-            {"type": "urn:ietf:params:acme:error:rateLimited", "detail": message, "status": 429},
-            status=429, content_type="application/problem+json")
-        if state.acme_headers is not None:
-            await state.acme_headers(request, response)
-    else:
-        response = error_body(429, message)
+    response = await _edge_answer(request, answer, 429, message)
     response.headers["Retry-After"] = str(seconds)
-    request["error"] = message
     return response
 
 
@@ -109,22 +104,24 @@ async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse
     """Rate limits per client address and the request time limit, around the handler."""
     state = request.app[STATE]
     client = request.remote or "unknown"
+    role, answer = rules_of(request)
     wait = state.failed_auth_limit.retry_after(client)
     if wait:
-        return await _too_many(request, state, wait, "failed authentications")
-    if request.method == "POST" and request.path.endswith(ISSUING_PATHS):
+        return await _too_many(request, answer, wait, "failed authentications")
+    if request.method == "POST" and RouteRole.ISSUING in role:
         wait = state.issuance_limit.take(client)
         if wait:
-            return await _too_many(request, state, wait, "issuance requests")
+            return await _too_many(request, answer, wait, "issuance requests")
     try:
         async with asyncio.timeout(state.request_timeout):
             response = await _handle(request, handler)
     except TimeoutError:
-        response = error_body(503, "the request took too long; try again")
+        response = await _edge_answer(request, answer, 503,
+                                      "the request took too long; try again")
     if response.status in (401, 403):
         state.failed_auth_limit.take(client)
     if 400 <= response.status < 500 and request.method == "POST" and \
-            request.path.endswith(AUDITED_PATHS):
+            RouteRole.AUDITED in role:
         audit = state.authority.issuer.audit
         if audit is not None:
             try:
@@ -359,10 +356,11 @@ def create_app(state: ApiState) -> web.Application:
         app.router.add_get(f"{prefix}/intermediates.pem", intermediates_pem)
         app.router.add_get(f"{prefix}/provisioners", provisioners)
         app.router.add_get(f"{prefix}/provisioners/{{kid}}/encrypted-key", encrypted_key)
-        app.router.add_post(f"{prefix}/sign", sign)
-        app.router.add_post(f"{prefix}/renew", renew)
-        app.router.add_post(f"{prefix}/rekey", rekey)
-        app.router.add_post(f"{prefix}/revoke", revoke)
+        issuing = RouteRole.ISSUING | RouteRole.AUDITED
+        declare_route(app, app.router.add_post(f"{prefix}/sign", sign), issuing)
+        declare_route(app, app.router.add_post(f"{prefix}/renew", renew), issuing)
+        declare_route(app, app.router.add_post(f"{prefix}/rekey", rekey), issuing)
+        declare_route(app, app.router.add_post(f"{prefix}/revoke", revoke), RouteRole.AUDITED)
         app.router.add_get(f"{prefix}/crl", crl)
     return app
 
