@@ -21,7 +21,6 @@ from typing import TypeVar
 from appliance.errors import RecordConflict, RecordNotFound, TokenReused
 from appliance.storage.acme_protocol import (
     AccountChange,
-    AccountStatus,
     AcmeAccount,
     AcmeAuthz,
     AcmeChallenge,
@@ -30,8 +29,6 @@ from appliance.storage.acme_protocol import (
     ChallengeStatus,
     ChallengeType,
     EabKey,
-    Identifier,
-    IdentifierType,
     JsonObject,
     NonceUse,
     OrderRule,
@@ -44,28 +41,33 @@ from appliance.storage.sqlite_acme_reads import (
     NO,
     AcmeReader,
     Db,
-    Row,
     driver,
     fetch_all,
     fetch_one,
 )
+from appliance.storage.sqlite_acme_rows import (
+    SELECT_ACCOUNT,
+    SELECT_EAB,
+    SQL_ACCOUNT_AUTHZ,
+    SQL_ACCOUNT_BY_ID,
+    SQL_ACCOUNT_BY_THUMBPRINT,
+    SQL_ACCOUNT_CHALLENGE,
+    SQL_ACCOUNT_ORDER,
+    SQL_ACCOUNT_ORDER_DER,
+    SQL_AUTHZ,
+    SQL_AUTHZ_CHALLENGES,
+    SQL_CHALLENGE,
+    SQL_ORDER,
+    account_of,
+    authz_from,
+    authz_of,
+    challenge_of,
+    eab_of,
+    order_of,
+)
 
 T = TypeVar("T")
 
-_SELECT_ACCOUNT = ("SELECT id, provisioner, thumbprint, jwk, status, contact, eab_kid, "
-                   "created_at FROM acme_accounts ")
-_SQL_ACCOUNT_BY_ID = _SELECT_ACCOUNT + "WHERE id = ? AND provisioner = ?"
-_SQL_ACCOUNT_BY_THUMBPRINT = _SELECT_ACCOUNT + "WHERE provisioner = ? AND thumbprint = ?"
-_SQL_ORDER = ("SELECT id, provisioner, account_id, status, expires, identifiers, not_before, "
-              "not_after, authz_ids, error, cert_serial, replaces FROM acme_orders WHERE id = ?")
-_SQL_AUTHZ = ("SELECT id, order_id, account_id, identifier_type, identifier_value, wildcard, "
-              "status, expires FROM acme_authzs WHERE id = ?")
-_SELECT_CHALLENGE = ("SELECT id, authz_id, type, token, status, validated, error "
-                     "FROM acme_challenges ")
-_SQL_AUTHZ_CHALLENGES = _SELECT_CHALLENGE + "WHERE authz_id = ? ORDER BY type"
-_SQL_CHALLENGE = _SELECT_CHALLENGE + "WHERE id = ?"
-_SELECT_EAB = ("SELECT kid, provisioner, reference, hmac_key, created_at, account_id, bound_at "
-               "FROM acme_eab_keys ")
 _SQL_USE_NONCE = "INSERT INTO acme_nonces (nonce, expires_at) VALUES (?, ?)"
 _SQL_INSERT_ORDER = (
     "INSERT INTO acme_orders (id, provisioner, account_id, status, expires, identifiers, "
@@ -88,44 +90,6 @@ _SQL_UPDATE_ACCOUNT = (  # NULL keeps a column as it is
     "UPDATE acme_accounts SET contact = COALESCE(?, contact), status = COALESCE(?, status), "
     "jwk = COALESCE(?, jwk), thumbprint = COALESCE(?, thumbprint) WHERE id = ?")
 
-# Each authenticated ACME request reads its account and the object its URL names. As one SELECT
-# (the account LEFT JOINed with the object) it is one consistent snapshot by itself: no
-# BEGIN/ROLLBACK around it, and one trip into SQLite instead of four or five, each of which lets
-# go of the GIL and may have to wait to get it back from the writer or the PKCS#11 thread.
-_SELECT_JOINED_ACCOUNT = ("SELECT a.id, a.provisioner, a.thumbprint, a.jwk, a.status, "
-                          "a.contact, a.eab_kid, a.created_at, ")
-_JOINED_ORDER_COLUMNS = ("o.id, o.provisioner, o.account_id, o.status, o.expires, "
-                         "o.identifiers, o.not_before, o.not_after, o.authz_ids, o.error, "
-                         "o.cert_serial, o.replaces")
-_SQL_ACCOUNT_ORDER = (
-    _SELECT_JOINED_ACCOUNT + _JOINED_ORDER_COLUMNS + " "
-    "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
-    "WHERE a.id = ? AND a.provisioner = ?")
-# The certificates table is the store's; cert_serial is its key (lowercase hex).
-_SQL_ACCOUNT_ORDER_DER = (
-    _SELECT_JOINED_ACCOUNT + _JOINED_ORDER_COLUMNS + ", k.der "
-    "FROM acme_accounts a LEFT JOIN acme_orders o ON o.id = ? "
-    "LEFT JOIN certificates k ON k.serial = o.cert_serial "
-    "WHERE a.id = ? AND a.provisioner = ?")
-_SQL_ACCOUNT_AUTHZ = (
-    _SELECT_JOINED_ACCOUNT + "z.id, z.order_id, z.account_id, z.identifier_type, "
-    "z.identifier_value, z.wildcard, z.status, z.expires, c.id, c.authz_id, c.type, c.token, "
-    "c.status, c.validated, c.error "
-    "FROM acme_accounts a LEFT JOIN acme_authzs z ON z.id = ? "
-    "LEFT JOIN acme_challenges c ON c.authz_id = z.id "
-    "WHERE a.id = ? AND a.provisioner = ? ORDER BY c.type")
-_SQL_ACCOUNT_CHALLENGE = (
-    _SELECT_JOINED_ACCOUNT + "t.id, t.authz_id, t.type, t.token, t.status, t.validated, "
-    "t.error, "
-    "z.id, z.order_id, z.account_id, z.identifier_type, z.identifier_value, z.wildcard, "
-    "z.status, z.expires, c.id, c.authz_id, c.type, c.token, c.status, c.validated, c.error "
-    "FROM acme_accounts a LEFT JOIN acme_challenges t ON t.id = ? "
-    "LEFT JOIN acme_authzs z ON z.id = t.authz_id "
-    "LEFT JOIN acme_challenges c ON c.authz_id = z.id "
-    "WHERE a.id = ? AND a.provisioner = ? ORDER BY c.type")
-_NZ = 8  # columns of an authorization
-
-
 def _write(conn: Db, sql: str, params: tuple[object, ...]) -> int:
     """Run one INSERT/UPDATE/DELETE; the number of rows it changed."""
     return int(driver(conn).execute(sql, params).rowcount)
@@ -136,62 +100,17 @@ def _status_in(sql: str, values: Sequence[object]) -> str:
     return sql.replace("IN (...)", "IN (" + ", ".join("?" * len(values)) + ")")
 
 
-def _json_object(text: str | None) -> JsonObject | None:
-    if not text:
-        return None
-    value = json.loads(text)
-    return value if isinstance(value, dict) else None
-
-
-def _account(row: Row) -> AcmeAccount:
-    return AcmeAccount(row[0], row[1], row[2], json.loads(row[3]), AccountStatus(row[4]),
-                       tuple(json.loads(row[5])), row[6], row[7])
-
-
-def _identifiers(text: str) -> tuple[Identifier, ...]:
-    return tuple(Identifier(IdentifierType(i["type"]), i["value"]) for i in json.loads(text))
-
-
-def _order(row: Row) -> AcmeOrder:
-    return AcmeOrder(row[0], row[1], row[2], OrderStatus(row[3]), row[4], _identifiers(row[5]),
-                     row[6], row[7], tuple(json.loads(row[8])), _json_object(row[9]), row[10],
-                     row[11])
-
-
-def _challenge(row: Row) -> AcmeChallenge:
-    return AcmeChallenge(row[0], row[1], ChallengeType(row[2]), row[3], ChallengeStatus(row[4]),
-                         row[5], _json_object(row[6]))
-
-
-def _authz(row: Row, challenges: tuple[AcmeChallenge, ...]) -> AcmeAuthz:
-    return AcmeAuthz(row[0], row[1], row[2], Identifier(IdentifierType(row[3]), row[4]),
-                     bool(row[5]), AuthorizationStatus(row[6]), row[7], challenges)
-
-
-def _eab(row: Row) -> EabKey:
-    return EabKey(row[0], row[1], row[2], bytes(row[3]), row[4], row[5], row[6])
-
-
-def _authz_from(rows: list[Row], at: int) -> AcmeAuthz | None:
-    """The authorization at column `at` of joined rows, with the challenges that follow it."""
-    first = rows[0]
-    if first[at] is None:
-        return None
-    chals = tuple(_challenge(r[at + _NZ:at + _NZ + NC]) for r in rows if r[at + _NZ] is not None)
-    return _authz(first[at:at + _NZ], chals)
-
-
 def _read_authz(conn: Db, authz_id: str) -> AcmeAuthz | None:
-    row = fetch_one(conn, _SQL_AUTHZ, (authz_id,))
+    row = fetch_one(conn, SQL_AUTHZ, (authz_id,))
     if row is None:
         return None
-    return _authz(row, tuple(_challenge(c) for c in fetch_all(conn, _SQL_AUTHZ_CHALLENGES,
+    return authz_of(row, tuple(challenge_of(c) for c in fetch_all(conn, SQL_AUTHZ_CHALLENGES,
                                                                 (authz_id,))))
 
 
 def _read_order(conn: Db, order_id: str) -> AcmeOrder | None:
-    row = fetch_one(conn, _SQL_ORDER, (order_id,))
-    return None if row is None else _order(row)
+    row = fetch_one(conn, SQL_ORDER, (order_id,))
+    return None if row is None else order_of(row)
 
 
 def _use_nonce(conn: Db, nonce: NonceUse | None) -> None:
@@ -284,10 +203,10 @@ class SqliteAcmeStore:
                account.created_at)
 
         def op(conn: Db) -> AcmeAccount:
-            existing = fetch_one(conn, _SQL_ACCOUNT_BY_THUMBPRINT, (account.provisioner,
+            existing = fetch_one(conn, SQL_ACCOUNT_BY_THUMBPRINT, (account.provisioner,
                                                                     account.thumbprint))
             if existing is not None:
-                return _account(existing)
+                return account_of(existing)
             if account.eab_kid is not None:
                 bound = _write(conn, "UPDATE acme_eab_keys SET account_id = ?, bound_at = ? "
                                      "WHERE kid = ? AND provisioner = ? AND account_id IS NULL",
@@ -301,15 +220,15 @@ class SqliteAcmeStore:
 
     async def find_account(self, provisioner: str, account_id: str) -> AcmeAccount | None:
         def op(conn: Db) -> AcmeAccount | None:
-            row = fetch_one(conn, _SQL_ACCOUNT_BY_ID, (account_id, provisioner))
-            return None if row is None else _account(row)
+            row = fetch_one(conn, SQL_ACCOUNT_BY_ID, (account_id, provisioner))
+            return None if row is None else account_of(row)
         return await self._read(op, one_statement=True)
 
     async def find_account_by_key(self, provisioner: str, thumbprint: str
                                   ) -> AcmeAccount | None:
         def op(conn: Db) -> AcmeAccount | None:
-            row = fetch_one(conn, _SQL_ACCOUNT_BY_THUMBPRINT, (provisioner, thumbprint))
-            return None if row is None else _account(row)
+            row = fetch_one(conn, SQL_ACCOUNT_BY_THUMBPRINT, (provisioner, thumbprint))
+            return None if row is None else account_of(row)
         return await self._read(op, one_statement=True)
 
     async def update_account(self, account_id: str, change: AccountChange, *,
@@ -332,41 +251,41 @@ class SqliteAcmeStore:
                 _write(conn, _status_in("UPDATE acme_authzs SET status = ? "
                                         "WHERE account_id = ? AND status IN (...)", cascade),
                        (str(AuthorizationStatus.DEACTIVATED), account_id, *cascade))
-            row = fetch_one(conn, _SELECT_ACCOUNT + "WHERE id = ?", (account_id,))
+            row = fetch_one(conn, SELECT_ACCOUNT + "WHERE id = ?", (account_id,))
             if row is None:
                 raise RecordNotFound(f"no ACME account {account_id}")
-            return _account(row)
+            return account_of(row)
         return await self._run(op)
 
     # -- an account with what a request names, in one statement ------------------------------
     async def account_and_order(self, provisioner: str, account_id: str, order_id: str
                                 ) -> tuple[AcmeAccount | None, AcmeOrder | None]:
         def op(conn: Db) -> tuple[AcmeAccount | None, AcmeOrder | None]:
-            row = fetch_one(conn, _SQL_ACCOUNT_ORDER, (order_id, account_id, provisioner))
+            row = fetch_one(conn, SQL_ACCOUNT_ORDER, (order_id, account_id, provisioner))
             if row is None:
                 return None, None
-            return _account(row), None if row[NA] is None else _order(row[NA:])
+            return account_of(row), None if row[NA] is None else order_of(row[NA:])
         return await self._read(op, one_statement=True)
 
     async def account_and_order_certificate(
         self, provisioner: str, account_id: str, order_id: str,
     ) -> tuple[AcmeAccount | None, tuple[AcmeOrder | None, bytes | None]]:
         def op(conn: Db) -> tuple[AcmeAccount | None, tuple[AcmeOrder | None, bytes | None]]:
-            row = fetch_one(conn, _SQL_ACCOUNT_ORDER_DER, (order_id, account_id, provisioner))
+            row = fetch_one(conn, SQL_ACCOUNT_ORDER_DER, (order_id, account_id, provisioner))
             if row is None:
                 return None, (None, None)
-            order = None if row[NA] is None else _order(row[NA:NA + NO])
+            order = None if row[NA] is None else order_of(row[NA:NA + NO])
             der = row[NA + NO]
-            return _account(row), (order, None if order is None or der is None else bytes(der))
+            return account_of(row), (order, None if order is None or der is None else bytes(der))
         return await self._read(op, one_statement=True)
 
     async def account_and_authz(self, provisioner: str, account_id: str, authz_id: str
                                 ) -> tuple[AcmeAccount | None, AcmeAuthz | None]:
         def op(conn: Db) -> tuple[AcmeAccount | None, AcmeAuthz | None]:
-            rows = fetch_all(conn, _SQL_ACCOUNT_AUTHZ, (authz_id, account_id, provisioner))
+            rows = fetch_all(conn, SQL_ACCOUNT_AUTHZ, (authz_id, account_id, provisioner))
             if not rows:
                 return None, None
-            return _account(rows[0]), _authz_from(rows, NA)
+            return account_of(rows[0]), authz_from(rows, NA)
         return await self._read(op, one_statement=True)
 
     async def account_and_challenge(
@@ -374,14 +293,14 @@ class SqliteAcmeStore:
     ) -> tuple[AcmeAccount | None, tuple[AcmeChallenge | None, AcmeAuthz | None]]:
         def op(conn: Db) -> tuple[AcmeAccount | None,
                                   tuple[AcmeChallenge | None, AcmeAuthz | None]]:
-            rows = fetch_all(conn, _SQL_ACCOUNT_CHALLENGE, (challenge_id, account_id,
+            rows = fetch_all(conn, SQL_ACCOUNT_CHALLENGE, (challenge_id, account_id,
                                                              provisioner))
             if not rows:
                 return None, (None, None)
             first = rows[0]
             if first[NA] is None:
-                return _account(first), (None, None)
-            return _account(first), (_challenge(first[NA:NA + NC]), _authz_from(rows, NA + NC))
+                return account_of(first), (None, None)
+            return account_of(first), (challenge_of(first[NA:NA + NC]), authz_from(rows, NA + NC))
         return await self._read(op, one_statement=True)
 
     # -- orders, authorizations, challenges --------------------------------------------------
@@ -427,8 +346,8 @@ class SqliteAcmeStore:
 
     async def get_challenge(self, challenge_id: str) -> AcmeChallenge | None:
         def op(conn: Db) -> AcmeChallenge | None:
-            row = fetch_one(conn, _SQL_CHALLENGE, (challenge_id,))
-            return None if row is None else _challenge(row)
+            row = fetch_one(conn, SQL_CHALLENGE, (challenge_id,))
+            return None if row is None else challenge_of(row)
         return await self._read(op, one_statement=True)
 
     async def deactivate_authz(self, authz_id: str, *, from_: Sequence[AuthorizationStatus],
@@ -461,7 +380,7 @@ class SqliteAcmeStore:
         settle_from = tuple(str(s) for s in authz_from)
 
         def op(conn: Db) -> AcmeChallenge:
-            row = fetch_one(conn, _SQL_CHALLENGE, (challenge_id,))
+            row = fetch_one(conn, SQL_CHALLENGE, (challenge_id,))
             if row is None:
                 raise RecordNotFound(f"no ACME challenge {challenge_id}")
             authz_id: str = row[1]
@@ -516,15 +435,15 @@ class SqliteAcmeStore:
 
     async def list_eab_keys(self, provisioner: str) -> list[EabKey]:
         def op(conn: Db) -> list[EabKey]:
-            return [_eab(r) for r in fetch_all(
-                conn, _SELECT_EAB + "WHERE provisioner = ? ORDER BY created_at", (provisioner,))]
+            return [eab_of(r) for r in fetch_all(
+                conn, SELECT_EAB + "WHERE provisioner = ? ORDER BY created_at", (provisioner,))]
         return await self._read(op, one_statement=True)
 
     async def get_eab_key(self, provisioner: str, kid: str) -> EabKey | None:
         def op(conn: Db) -> EabKey | None:
-            row = fetch_one(conn, _SELECT_EAB + "WHERE provisioner = ? AND kid = ?",
+            row = fetch_one(conn, SELECT_EAB + "WHERE provisioner = ? AND kid = ?",
                             (provisioner, kid))
-            return None if row is None else _eab(row)
+            return None if row is None else eab_of(row)
         return await self._read(op, one_statement=True)
 
     async def remove_eab_key(self, provisioner: str, kid: str) -> bool:
