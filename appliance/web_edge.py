@@ -38,6 +38,9 @@ class EdgeRules:
 
 
 EDGE_RULES = web.AppKey("edge_rules", EdgeRules)
+# What a handler tells the edge's request log line and refusal audit about its request.
+REQUEST_PROVISIONER = web.RequestKey("provisioner", str)
+REQUEST_ERROR = web.RequestKey("error", str)
 
 
 def edge_rules(app: web.Application) -> EdgeRules:

@@ -22,8 +22,8 @@ from appliance.storage.acme_protocol import AccountStatus, AcmeAccount, JsonObje
 
 F = TypeVar("F")
 
-# request key: the checked nonce of a request, until it is used up (`take_nonce`).
-PENDING_NONCE = "acme_pending_nonce"
+# The checked nonce of a request, until it is used up.
+PENDING_NONCE = web.RequestKey("acme_pending_nonce", PendingNonce)
 
 # How a kid request reads its account together with the object its URL names, as one read:
 # (provisioner, account id, the URL's id) -> (the account, the object).

@@ -13,6 +13,7 @@ from appliance.acme.problems import PROBLEM_CONTENT_TYPE, AcmeProblem, from_appl
 from appliance.acme.routes import SERVICE, provisioner_base, use_pending_nonce
 from appliance.acme.service import AcmeService
 from appliance.errors import ApplianceError, TokenReused
+from appliance.web_edge import REQUEST_ERROR
 
 log = structlog.get_logger("appliance.acme")
 
@@ -66,7 +67,7 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _refused(request: web.Request, problem: AcmeProblem) -> web.Response:
-    request["error"] = problem.detail
+    request[REQUEST_ERROR] = problem.detail
     return problem_response(problem)
 
 

@@ -37,6 +37,7 @@ from appliance.storage.acme_protocol import (
     ChallengeStatus,
     OrderStatus,
 )
+from appliance.web_edge import REQUEST_PROVISIONER
 
 SERVICE = web.AppKey("acme_service", AcmeService)
 
@@ -231,7 +232,7 @@ async def finalize(request: web.Request) -> web.Response:
         raise AcmeProblem.order_not_ready(f"the order is {order.status}, not ready")
     order = await ctx.service.finalize(ctx.provisioner, signed.account, order,
                                        Finalize.from_json(payload), ctx.nonce())
-    request["provisioner"] = ctx.provisioner.name
+    request[REQUEST_PROVISIONER] = ctx.provisioner.name
     return _order_response(ctx, order)
 
 

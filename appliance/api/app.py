@@ -28,7 +28,14 @@ from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
 from appliance.issuance.issuer import IssuedCertificate
-from appliance.web_edge import EdgeAnswer, RouteRole, declare_route, rules_of
+from appliance.web_edge import (
+    REQUEST_ERROR,
+    REQUEST_PROVISIONER,
+    EdgeAnswer,
+    RouteRole,
+    declare_route,
+    rules_of,
+)
 
 log = structlog.get_logger("appliance.api")
 
@@ -78,14 +85,14 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response.headers["X-Request-Id"] = request_id
         log.info("request", method=request.method, path=request.path, status=response.status,
                  duration_ms=round((time.perf_counter() - start) * 1000, 2),
-                 peer=request.remote, provisioner=request.get("provisioner"),
-                 error=request.get("error"))
+                 peer=request.remote, provisioner=request.get(REQUEST_PROVISIONER),
+                 error=request.get(REQUEST_ERROR))
     return response
 
 
 async def _edge_answer(request: web.Request, answer: EdgeAnswer | None, status: int,
                        message: str) -> web.StreamResponse:
-    request["error"] = message
+    request[REQUEST_ERROR] = message
     if answer is None:
         return error_body(status, message)
     return await answer(request, status, message)
@@ -128,8 +135,8 @@ async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse
                 await audit.append(AuditEvent(
                     "request.refused", "failure", f"client:{client}",
                     {"path": request.path[:200], "status": response.status,
-                     "reason": str(request.get("error") or "")[:500],
-                     "provisioner": request.get("provisioner")}))
+                     "reason": str(request.get(REQUEST_ERROR) or "")[:500],
+                     "provisioner": request.get(REQUEST_PROVISIONER)}))
             except AuditError:
                 log.error("audit_write_failed", audit_event="request.refused")
     return response
@@ -140,7 +147,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApplianceError as e:
         response = error_body(e.status, e.message)
-        request["error"] = e.message
+        request[REQUEST_ERROR] = e.message
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[STATE].config.max_body_bytes
         response = error_body(413, f"request body is larger than {limit} bytes")
@@ -257,7 +264,7 @@ async def sign(request: web.Request) -> web.Response:
     state = request.app[STATE]
     sign_request = SignRequest.from_json(await read_json(request))
     issued, provisioner = await state.authority.sign(sign_request)
-    request["provisioner"] = provisioner
+    request[REQUEST_PROVISIONER] = provisioner
     return _issued_response(state, issued, 201)
 
 
@@ -289,7 +296,7 @@ async def renew(request: web.Request) -> web.Response:
         if peer is None:
             raise Unauthorized("renew needs the certificate over mTLS or an x5c Bearer token")
         issued, provisioner = await state.authority.renew(peer)
-    request["provisioner"] = provisioner
+    request[REQUEST_PROVISIONER] = provisioner
     return _issued_response(state, issued, 201)
 
 
@@ -309,14 +316,14 @@ async def rekey(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
         raise BadRequest("missing csr: a PEM certificate request for the new key is required")
     issued, provisioner = await state.authority.rekey(peer, body["csr"], token_use)
-    request["provisioner"] = provisioner
+    request[REQUEST_PROVISIONER] = provisioner
     return _issued_response(state, issued, 201)
 
 
 async def revoke(request: web.Request) -> web.Response:
     state = request.app[STATE]
     revoke_request = RevokeRequest.from_json(await read_json(request))
-    request["provisioner"] = await state.authority.revoke(revoke_request,
+    request[REQUEST_PROVISIONER] = await state.authority.revoke(revoke_request,
                                                          peer_certificate(request))
     return web.json_response({"status": "ok"})
 

@@ -8,24 +8,31 @@ everything else is the production code: the state machine, finalize, the store.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.acme import jws, messages
+from appliance.acme.api import create_acme_app
 from appliance.acme.challenge_registry import ChallengeRegistry, Validation
 from appliance.acme.challenges import ChallengeFailed
 from appliance.acme.issuing import AuthorityIssuing
 from appliance.acme.messages import Finalize, NewAccount, NewOrder
 from appliance.acme.problems import AcmeProblem
 from appliance.acme.service import AcmeService
+from appliance.api.app import ApiState, create_app
 from appliance.authority.plan import SignPlan
 from appliance.authority.provisioners.acme import AcmeProvisioner
+from appliance.jose.base64url import b64url_encode
 from appliance.storage.acme_protocol import (
     AcmeAccount,
     AcmeOrder,
@@ -197,3 +204,89 @@ async def test_a_finalize_cancelled_mid_issuance_leaves_the_order_at_its_certifi
     record = await world.ca.store.get_certificate(int(done.cert_serial, 16))
     assert record is not None and record.der is not None, "the order points at no certificate"
     assert [r.provisioner for r in world.ca.issuer.requests] == ["acme"]
+
+
+# -- over HTTP: the API edge with the ACME sub-app, in-process -----------------------------------
+class BrokenIssuing(GatedIssuing):
+    """Fails in a way no handler expects, for the provisioner named "broken"."""
+
+    def provisioner_named(self, name: str) -> AcmeProvisioner | None:
+        if name == "broken":
+            raise RuntimeError("an internal detail that must not reach the client")
+        return super().provisioner_named(name)
+
+
+@pytest.fixture
+async def http(tmp_path: Path) -> AsyncIterator[tuple[World, TestClient]]:
+    ca = await build_ca(tmp_path)
+    http01 = PublishedKeyAuthorizations()
+    registry = ChallengeRegistry()
+    registry.register(ChallengeType.HTTP_01, http01)
+    issuing = BrokenIssuing(ca.authority)
+    service = AcmeService(SqliteAcmeStore(ca.store), issuing, registry,
+                          order_lifetime=ORDER_LIFETIME, max_concurrent=4,
+                          validation_timeout=2.0, clock=ca.clock)
+    state = ApiState(authority=ca.authority, config=ca.authority.config, root=ca.root,
+                     intermediates=[ca.issuer.certificate])
+    state.request_timeout = 0.5
+    app = create_app(state)
+    app.add_subapp("/acme", create_acme_app(service, 65536))
+    provisioner = ca.authority.provisioner_named("acme")
+    assert isinstance(provisioner, AcmeProvisioner)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield World(ca, service, issuing, http01, provisioner,
+                    ec.generate_private_key(ec.SECP256R1())), client
+    finally:
+        await client.close()
+        await service.close()
+        await ca.store.close()
+
+
+def assert_acme_problem(response: ClientResponse, body: dict[str, object], kind: str,
+                        status: int, *, index: bool = True) -> None:
+    assert response.status == status, body
+    assert response.content_type == "application/problem+json", response.headers
+    assert body["type"] == f"urn:ietf:params:acme:error:{kind}", body
+    assert response.headers.get("Replay-Nonce"), "no fresh nonce with the problem"
+    if index:  # a path that names no provisioner has no directory to point at
+        assert "rel=\"index\"" in response.headers.get("Link", ""), response.headers
+
+
+async def test_a_finalize_past_the_time_limit_is_a_problem_and_the_order_still_gets_its_cert(
+        http: tuple[World, TestClient]) -> None:
+    w, client = http
+    account = await new_account(w)
+    order = await ready_order(w, account)
+    host = f"{client.server.host}:{client.server.port}"
+    nonce = (await client.head("/acme/acme/new-nonce")).headers["Replay-Nonce"]
+    url = f"https://{host}/acme/acme/order/{order.id}/finalize"
+    csr, _ = csr_for("a.test", [x509.DNSName("a.test")])
+    body = jws.sign(w.key, {"csr": b64url_encode(csr.public_bytes(serialization.Encoding.DER))},
+                    url=url, nonce=nonce, kid=f"https://{host}/acme/acme/account/{account.id}")
+    w.issuing.gate.clear()
+    response = await client.post(f"/acme/acme/order/{order.id}/finalize", json=body,
+                                 headers={"Content-Type": "application/jose+json"})
+    assert_acme_problem(response, await response.json(content_type=None), "serverInternal", 503)
+    w.issuing.gate.set()
+    await w.service.close()
+    done = await w.service.store.get_order(order.id)
+    assert done is not None and done.status is OrderStatus.VALID and done.cert_serial, done
+
+
+async def test_an_unexpected_failure_is_a_500_problem_with_a_nonce(
+        http: tuple[World, TestClient]) -> None:
+    _, client = http
+    response = await client.get("/acme/broken/directory")
+    body = await response.json(content_type=None)
+    assert_acme_problem(response, body, "serverInternal", 500)
+    assert "internal detail" not in json.dumps(body), body
+
+
+async def test_an_unknown_acme_path_is_a_problem_with_a_nonce(
+        http: tuple[World, TestClient]) -> None:
+    _, client = http
+    response = await client.post("/acme/acme/no-such-thing")
+    assert_acme_problem(response, await response.json(content_type=None), "malformed", 404,
+                        index=False)
