@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.audit import AuditLog
-from appliance.errors import Unauthorized, Unavailable
-from appliance.issuance.issuer import IssuanceRequest, Issuer
+from appliance.errors import Unauthorized
+from appliance.issuance.issuer import CertificateNotBuilt, IssuanceRequest, Issuer
 from appliance.storage import TokenUse
 from appliance.storage.sqlite import SqliteStore
 from hsm.keystore import KeySpec, TokenPrivateKey
@@ -80,7 +80,7 @@ async def test_a_batch_gives_each_request_its_own_outcome(
 
     issued, replayed, broken = results[:40], results[40], results[41]
     assert isinstance(replayed, Unauthorized) and "already used" in replayed.message
-    assert isinstance(broken, Unavailable) and "could not sign" in broken.message
+    assert isinstance(broken, CertificateNotBuilt) and "could not be built" in broken.message
     for request, result in zip(requests, issued, strict=True):
         assert not isinstance(result, BaseException), result
         cert = result.certificate

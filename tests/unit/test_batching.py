@@ -34,16 +34,26 @@ def writer(recorder: Recorder, max_batch: int = 100) -> BatchWriter[int, int]:
                        closed_error=lambda: Closed("closed"), is_barrier=lambda r: r == 0)
 
 
-async def test_queued_requests_share_a_batch_and_each_hears_its_own_outcome() -> None:
+def gated() -> tuple[threading.Event, Recorder, BatchWriter[int, int]]:
+    """A writer whose batches wait until the gate opens, so that what comes next queues up."""
     gate = threading.Event()
     recorder = Recorder(gate)
-    w = writer(recorder)
-    first = asyncio.ensure_future(w.submit(1))
-    await asyncio.sleep(0.05)  # the writer holds 1 at the gate; the next ones queue up behind
-    rest = [asyncio.ensure_future(w.submit(r)) for r in (2, -3, 4)]
-    await asyncio.sleep(0.01)
+    return gate, recorder, writer(recorder)
+
+
+async def submit_all(w: BatchWriter[int, int], requests: Sequence[int]
+                     ) -> list[asyncio.Future[int]]:
+    futures = [asyncio.ensure_future(w.submit(r)) for r in requests]
+    await asyncio.sleep(0.05)  # each is queued (the first may be at the gate already)
+    return futures
+
+
+async def test_queued_requests_share_a_batch_and_each_hears_its_own_outcome() -> None:
+    gate, recorder, w = gated()
+    first = await submit_all(w, [1])  # the writer holds 1 at the gate; the next ones queue
+    rest = await submit_all(w, [2, -3, 4])
     gate.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await asyncio.gather(*first, *rest, return_exceptions=True)
     assert results[0] == 10 and results[1] == 20 and results[3] == 40
     assert isinstance(results[2], ValueError) and "refused -3" in str(results[2])
     assert recorder.batches == [[1], [2, -3, 4]], "the queued requests were not one batch"
@@ -51,15 +61,11 @@ async def test_queued_requests_share_a_batch_and_each_hears_its_own_outcome() ->
 
 
 async def test_a_barrier_runs_alone_after_what_was_queued_before_it() -> None:
-    gate = threading.Event()
-    recorder = Recorder(gate)
-    w = writer(recorder)
-    head = asyncio.ensure_future(w.submit(9))
-    await asyncio.sleep(0.05)
-    queued = [asyncio.ensure_future(w.submit(r)) for r in (1, 2, 0, 3, 4)]
-    await asyncio.sleep(0.01)
+    gate, recorder, w = gated()
+    head = await submit_all(w, [9])
+    queued = await submit_all(w, [1, 2, 0, 3, 4])
     gate.set()
-    await asyncio.gather(head, *queued)
+    await asyncio.gather(*head, *queued)
     assert recorder.batches == [[9], [1, 2], [0], [3, 4]]
     await w.close()
 
@@ -109,11 +115,8 @@ async def test_callers_on_other_event_loops_get_their_own_results() -> None:
 
 
 async def test_a_cancelled_caller_does_not_cancel_its_write() -> None:
-    gate = threading.Event()
-    recorder = Recorder(gate)
-    w = writer(recorder)
-    caller = asyncio.ensure_future(w.submit(1))
-    await asyncio.sleep(0.05)
+    gate, recorder, w = gated()
+    (caller,) = await submit_all(w, [1])
     caller.cancel()
     gate.set()
     with pytest.raises(asyncio.CancelledError):
@@ -123,11 +126,8 @@ async def test_a_cancelled_caller_does_not_cancel_its_write() -> None:
 
 
 async def test_close_writes_what_is_queued_then_refuses() -> None:
-    gate = threading.Event()
-    recorder = Recorder(gate)
-    w = writer(recorder)
-    queued = [asyncio.ensure_future(w.submit(r)) for r in (1, 2, 3)]
-    await asyncio.sleep(0.05)
+    gate, recorder, w = gated()
+    queued = await submit_all(w, [1, 2, 3])
     closing = asyncio.ensure_future(w.close())
     await asyncio.sleep(0.01)
     gate.set()
