@@ -263,12 +263,12 @@ def rekey(crt_file: Path, key_file: Path, kty: str, curve: str, size: int, force
 
 
 def reason_code_of(reason_code: str | None) -> int:
-    from appliance.issuance.crl import REASON_NAMES
-
     if reason_code is None:
         return 0
     if reason_code.isdigit():
         return int(reason_code)
+    from appliance.issuance.crl import REASON_NAMES  # the CRL service: only for a name
+
     code = REASON_NAMES.get(reason_code.lower().replace("_", "").replace("-", ""))
     if code is None:
         raise BadRequest(f"unknown reason code {reason_code!r}; use a number or one of "

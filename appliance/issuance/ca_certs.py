@@ -12,8 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
-from appliance.issuance.issuer import signature_hash
-
 ROOT_VALIDITY = timedelta(days=3650)
 INTERMEDIATE_VALIDITY = timedelta(days=3650)
 
@@ -29,6 +27,10 @@ def build_root(
     name: str, key: CertificateIssuerPrivateKeyTypes, now: datetime | None = None
 ) -> x509.Certificate:
     """`<name> Root CA`, 10 years, pathlen 1, self-signed by the token key."""
+    # Here, not at the top: issuer.py brings the store and the audit log, and the client
+    # commands that only read fingerprint() (bootstrap, root) must start fast.
+    from appliance.issuance.issuer import signature_hash
+
     now = now or datetime.now(UTC)
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -57,6 +59,8 @@ def build_intermediate(
     now: datetime | None = None,
 ) -> x509.Certificate:
     """`<name> Intermediate CA`, pathlen 0, signed by the root key in the root token."""
+    from appliance.issuance.issuer import signature_hash  # see build_root
+
     now = now or datetime.now(UTC)
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
