@@ -3,7 +3,7 @@
 The tables are exactly those the hand-written DDL of the first releases created (same names,
 columns, types, keys and indexes), so a database made by any release opens unchanged. Two
 SQLite details keep that so: a column the old DDL declared `PRIMARY KEY` without `NOT NULL` is
-`nullable=True` here (SQLite's non-INTEGER primary keys admit NULL unless told otherwise, and
+a `_shipped_key` here (SQLite's non-INTEGER primary keys admit NULL unless told otherwise, and
 `PRAGMA table_info` shows the difference); and an INTEGER primary key stays a rowid alias.
 
 A migration names the tables it introduced and is applied once, in one transaction, from their
@@ -14,6 +14,7 @@ that checks what the database already has (the Table declares the final shape).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -27,19 +28,27 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeEngine
 
 metadata = MetaData()
 
+
+def _shipped_key(name: str, type_: TypeEngine[Any] | type[TypeEngine[Any]],
+                 *constraints: ForeignKey) -> Column[Any]:
+    """A primary key as the first releases declared it: `PRIMARY KEY` without `NOT NULL`."""
+    return Column(name, type_, *constraints, primary_key=True, nullable=True)
+
+
 schema_migrations = Table(
     "schema_migrations", metadata,
-    Column("version", Integer, primary_key=True, nullable=True),
+    _shipped_key("version", Integer),
     Column("applied_at", Integer, nullable=False),
 )
 
 # -- certificates and one-time tokens (version 1) ---------------------------------------------
 certificates = Table(
     "certificates", metadata,
-    Column("serial", String(40), primary_key=True, nullable=True),  # lowercase hex, no 0 lead
+    _shipped_key("serial", String(40)),  # lowercase hex, no 0 lead
     Column("subject", Text, nullable=False),
     Column("sans", Text, nullable=False),  # JSON list
     Column("not_before", Integer, nullable=False),
@@ -65,8 +74,7 @@ used_tokens = Table(
 # -- revocations and CRLs (version 2) ----------------------------------------------------------
 revocations = Table(
     "revocations", metadata,
-    Column("serial", String(40), ForeignKey("certificates.serial"), primary_key=True,
-           nullable=True),
+    _shipped_key("serial", String(40), ForeignKey("certificates.serial")),
     Column("reason_code", Integer, nullable=False),
     Column("reason", Text, nullable=False),
     Column("revoked_at", Integer, nullable=False),
@@ -78,7 +86,7 @@ revocations = Table(
 
 crls = Table(
     "crls", metadata,
-    Column("number", Integer, primary_key=True, nullable=True),
+    _shipped_key("number", Integer),
     Column("this_update", Integer, nullable=False),
     Column("next_update", Integer, nullable=False),
     Column("der", LargeBinary),
@@ -87,7 +95,7 @@ crls = Table(
 # -- ACME state (version 3) --------------------------------------------------------------------
 acme_accounts = Table(
     "acme_accounts", metadata,
-    Column("id", String(64), primary_key=True, nullable=True),
+    _shipped_key("id", String(64)),
     Column("provisioner", String(128), nullable=False),
     Column("thumbprint", String(64), nullable=False),
     Column("jwk", Text, nullable=False),
@@ -100,7 +108,7 @@ acme_accounts = Table(
 
 acme_orders = Table(
     "acme_orders", metadata,
-    Column("id", String(64), primary_key=True, nullable=True),
+    _shipped_key("id", String(64)),
     Column("provisioner", String(128), nullable=False),
     Column("account_id", String(64), nullable=False),
     Column("status", String(16), nullable=False),
@@ -119,7 +127,7 @@ acme_orders = Table(
 
 acme_authzs = Table(
     "acme_authzs", metadata,
-    Column("id", String(64), primary_key=True, nullable=True),
+    _shipped_key("id", String(64)),
     Column("order_id", String(64), nullable=False),
     Column("account_id", String(64), nullable=False),
     Column("identifier_type", String(8), nullable=False),
@@ -132,7 +140,7 @@ acme_authzs = Table(
 
 acme_challenges = Table(
     "acme_challenges", metadata,
-    Column("id", String(64), primary_key=True, nullable=True),
+    _shipped_key("id", String(64)),
     Column("authz_id", String(64), nullable=False),
     Column("type", String(16), nullable=False),
     Column("token", String(64), nullable=False),
@@ -144,14 +152,14 @@ acme_challenges = Table(
 
 acme_nonces = Table(
     "acme_nonces", metadata,
-    Column("nonce", String(128), primary_key=True, nullable=True),
+    _shipped_key("nonce", String(128)),
     Column("expires_at", Integer, nullable=False),
     Index("acme_nonces_expires", "expires_at"),
 )
 
 acme_eab_keys = Table(
     "acme_eab_keys", metadata,
-    Column("kid", String(128), primary_key=True, nullable=True),
+    _shipped_key("kid", String(128)),
     Column("provisioner", String(128), nullable=False),
     Column("reference", String(256)),
     Column("hmac_key", LargeBinary, nullable=False),
@@ -163,7 +171,7 @@ acme_eab_keys = Table(
 
 acme_secrets = Table(
     "acme_secrets", metadata,
-    Column("name", String(64), primary_key=True, nullable=True),
+    _shipped_key("name", String(64)),
     Column("value", LargeBinary, nullable=False),
 )
 
