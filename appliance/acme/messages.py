@@ -14,7 +14,6 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography import x509
 
@@ -142,7 +141,7 @@ def decode_b64url(untrusted: object, what: str) -> bytes:
         raise AcmeProblem.malformed(f"{what} is not valid base64url") from None
 
 
-def _optional_str(payload: Mapping[str, Any], member: str, problem: str) -> str | None:
+def _optional_str(payload: Mapping[str, object], member: str, problem: str) -> str | None:
     value = payload.get(member)
     if value is not None and not isinstance(value, str):
         raise AcmeProblem.malformed(problem)
@@ -178,7 +177,7 @@ class NewAccount:
     untrusted_external_account_binding: object  # checked by appliance.acme.jws
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> NewAccount:
+    def from_json(cls, payload: Mapping[str, object]) -> NewAccount:
         return cls(untrusted_contact=payload.get("contact"),
                    terms_of_service_agreed=payload.get("termsOfServiceAgreed") is True,
                    only_return_existing=payload.get("onlyReturnExisting") is True,
@@ -196,7 +195,7 @@ class AccountUpdate:
     status: AccountStatus | None
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> AccountUpdate:
+    def from_json(cls, payload: Mapping[str, object]) -> AccountUpdate:
         status = payload.get("status")
         if status is not None and status != AccountStatus.DEACTIVATED:
             raise AcmeProblem.malformed("an account's status can only become deactivated")
@@ -214,7 +213,7 @@ class NewOrder:
     replaces: str | None
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> NewOrder:
+    def from_json(cls, payload: Mapping[str, object]) -> NewOrder:
         identifiers = parse_identifiers(payload.get("identifiers"))
         times = "notBefore and notAfter must be RFC 3339 strings"
         not_before = _optional_str(payload, "notBefore", times)
@@ -233,7 +232,7 @@ class AuthorizationUpdate:
     status: AuthorizationStatus
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> AuthorizationUpdate:
+    def from_json(cls, payload: Mapping[str, object]) -> AuthorizationUpdate:
         if payload.get("status") != AuthorizationStatus.DEACTIVATED:
             raise AcmeProblem.malformed("an authorization's status can only become deactivated")
         return cls(AuthorizationStatus.DEACTIVATED)
@@ -246,7 +245,7 @@ class Finalize:
     csr: x509.CertificateSigningRequest
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> Finalize:
+    def from_json(cls, payload: Mapping[str, object]) -> Finalize:
         der = decode_b64url(payload.get("csr"), "csr")
         try:
             return cls(x509.load_der_x509_csr(der))
@@ -262,7 +261,7 @@ class RevokeCert:
     reason: int
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> RevokeCert:
+    def from_json(cls, payload: Mapping[str, object]) -> RevokeCert:
         der = decode_b64url(payload.get("certificate"), "certificate")
         try:
             cert = x509.load_der_x509_certificate(der)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TypeVar
 
 import structlog
 from cryptography import x509
@@ -53,6 +53,8 @@ from appliance.storage.acme_protocol import (
     OrderStatus,
     new_id,
 )
+
+T = TypeVar("T")
 
 log = structlog.get_logger("appliance.acme")
 
@@ -109,7 +111,7 @@ class AcmeService:
         self._max_concurrent = max_concurrent
         self._semaphore: asyncio.Semaphore | None = None  # made in the running loop
         self._nonces: NonceIssuer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     # -- nonces ------------------------------------------------------------------------------
     async def _nonce_issuer(self) -> NonceIssuer:
@@ -286,11 +288,16 @@ class AcmeService:
         assert current is not None
         return current
 
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def _spawn(self, work: Coroutine[object, object, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
         return task
+
+    def _settled(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen here: the request that awaited it may be gone
 
     async def _validate(self, authz: AcmeAuthz, chal: AcmeChallenge, account_jwk: JsonObject
                         ) -> AcmeChallenge:
