@@ -23,11 +23,15 @@ class NonJsonConstant(StrictJsonError):
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKey(key)
-        out[key] = value
+    # dict() in C, and a Python loop only to name the duplicate: every token and ACME request
+    # passes through here, and a member-by-member loop was a measurable part of each.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
     return out
 
 

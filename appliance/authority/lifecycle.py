@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from appliance.errors import BadRequest, Unauthorized
+from appliance.jose import jwa
+from appliance.jose import jws as jose_jws
 from appliance.storage import TokenUse
 
 RENEW_TOKEN_MAX_BYTES = 16384
@@ -70,16 +70,6 @@ def parse_serial(untrusted: str) -> int:
     return value
 
 
-def _alg_for(key: Any) -> list[str]:
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return [{256: "ES256", 384: "ES384", 521: "ES512"}.get(key.curve.key_size, "ES256")]
-    if isinstance(key, rsa.RSAPublicKey):
-        return ["RS256", "PS256"]
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return ["EdDSA"]
-    raise Unauthorized("the certificate's key type cannot sign a renewal token")
-
-
 def verify_renew_token(untrusted_bearer: str, audiences: list[str], now: float
                        ) -> tuple[x509.Certificate, TokenUse]:
     """An x5c token: a JWT signed by the certificate's own key, carrying the certificate.
@@ -89,43 +79,31 @@ def verify_renew_token(untrusted_bearer: str, audiences: list[str], now: float
     """
     if len(untrusted_bearer) > RENEW_TOKEN_MAX_BYTES:
         raise BadRequest("renewal token is too large")
-    try:
-        header = jwt.get_unverified_header(untrusted_bearer)
-    except jwt.InvalidTokenError:
-        raise Unauthorized("renewal token is malformed: expected a signed JWT") from None
-    chain = header.get("x5c")
+    token = jose_jws.parse_compact(untrusted_bearer, "renewal token")
+    chain = token.untrusted_header.get("x5c")
     if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
         raise Unauthorized("renewal token has no x5c certificate chain")
     try:
         cert = x509.load_der_x509_certificate(base64.b64decode(chain[0]))
     except ValueError:
         raise Unauthorized("renewal token x5c does not hold a certificate") from None
-    algs = _alg_for(cert.public_key())
-    if header.get("alg") not in algs:
-        raise Unauthorized(f"renewal token algorithm {header.get('alg')!r} does not match the "
-                           "certificate key")
-    pem = cert.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    try:
-        claims = jwt.decode(untrusted_bearer, pem, algorithms=algs, audience=audiences,
-                            leeway=LEEWAY, options={"require": ["exp", "aud", "jti"]})
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("renewal token has expired") from None
-    except jwt.ImmatureSignatureError:
-        raise Unauthorized("renewal token is not yet valid") from None
-    except jwt.InvalidAudienceError:
-        raise Unauthorized("renewal token audience is not this CA's /renew") from None
-    except jwt.InvalidSignatureError:
-        raise Unauthorized("renewal token signature does not match the certificate") from None
-    except jwt.InvalidTokenError as e:
-        raise Unauthorized(f"renewal token is invalid: {e}") from None
-    start = claims.get("nbf", claims.get("iat", now))
-    if float(claims["exp"]) - float(start) > 3600 + LEEWAY:
-        raise Unauthorized("renewal token lifetime is longer than the allowed hour")
+    cert_key = cert.public_key()
+    algs = jwa.algs_for_key(cert_key)
+    if not algs:
+        raise Unauthorized("the certificate's key type cannot sign a renewal token")
+    if token.alg not in algs:
+        raise Unauthorized(f"renewal token algorithm {token.untrusted_header.get('alg')!r} does "
+                           "not match the certificate key")
+    if not token.signed_by(cert_key):
+        raise Unauthorized("renewal token signature does not match the certificate")
+    claims = token.claims()
+    exp = jose_jws.check_claims(claims, audiences=audiences, now=now, leeway=LEEWAY,
+                                max_lifetime=3600, required=("exp", "aud", "jti"),
+                                what="renewal token")
     jti = claims["jti"]
     if not isinstance(jti, str) or not 8 <= len(jti) <= 256:
         raise Unauthorized("renewal token jti must be a string of 8 to 256 characters")
-    expires = datetime.fromtimestamp(float(claims["exp"]), UTC)
+    expires = datetime.fromtimestamp(exp, UTC)
     return cert, TokenUse("x5c-renew", jti, expires)
 
 
@@ -136,11 +114,10 @@ def mint_renew_token(cert: x509.Certificate, key: Any, audience: str, lifetime: 
     import time
 
     now = time.time() if now is None else now
-    alg = _alg_for(cert.public_key())[0]
-    return jwt.encode(
+    return jose_jws.sign_compact(
         {"aud": audience, "sub": cert.subject.rfc4514_string(), "iat": int(now),
          "nbf": int(now), "exp": int(now) + lifetime, "jti": secrets.token_hex(16),
          "iss": "applianctl"},
-        key, algorithm=alg,
-        headers={"x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER))
-                         .decode()], "typ": "JWT"})
+        key, jwa.alg_for_key(cert.public_key()),
+        {"x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()],
+         "typ": "JWT"})

@@ -32,3 +32,13 @@ class UnsupportedAlgorithm(JoseError):
 
 class InvalidToken(Unauthorized):
     """A compact JWT presented as a credential is malformed or does not verify."""
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """Requester text echoed in a message, cut short so an error stays small."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def quoted(names: list[str]) -> str:
+    """Member names for a message: "a", "b"."""
+    return ", ".join(f"\"{clip(name)}\"" for name in names)

@@ -1,4 +1,4 @@
-"""The shared RFC 7518 signature check: each algorithm with the key it suits, nothing else."""
+"""The one RFC 7518 signature check (jose.jwa): each alg with the key it suits, nothing else."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from appliance.jws_signature import signature_is_valid
+from appliance.jose.jwa import signature_is_valid
 
 DATA = b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0"
 
