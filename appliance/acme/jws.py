@@ -58,15 +58,25 @@ def _problems() -> Iterator[None]:
 class JwsMessage:
     """A flattened JWS request body whose shape is checked; its signature is not, until verify."""
 
-    protected: dict[str, Any]
-    payload: bytes
-    post_as_get: bool
     alg: str
     nonce: str
     url: str
     kid: str | None
     jwk: dict[str, Any] | None
     jws: FlattenedJws = field(repr=False)
+
+    @property
+    def protected(self) -> dict[str, Any]:
+        return self.jws.protected
+
+    @property
+    def payload(self) -> bytes:
+        return self.jws.payload
+
+    @property
+    def post_as_get(self) -> bool:
+        """An empty payload (§6.3): a GET of the resource, not an update."""
+        return self.jws.payload_b64 == ""
 
     def payload_json(self) -> dict[str, Any]:
         """The payload as a JSON object; malformed if it is empty, not UTF-8 JSON, or no object."""
@@ -117,8 +127,7 @@ def parse(untrusted_body: bytes, max_bytes: int = MAX_JWS_BYTES) -> JwsMessage:
     else:
         jwk = header["jwk"]
         _public_key(jwk, alg, "JWS jwk")
-    return JwsMessage(protected=header, payload=parts.payload, post_as_get=parts.payload_b64 == "",
-                      alg=alg, nonce=nonce, url=url, kid=kid, jwk=jwk, jws=parts)
+    return JwsMessage(alg=alg, nonce=nonce, url=url, kid=kid, jwk=jwk, jws=parts)
 
 
 def _request_alg(alg: object, what: str) -> str:
@@ -226,6 +235,16 @@ def dns01_txt_value(key_authorization: str) -> str:
 
 
 # -- external account binding (§7.3.4) and key rollover (§7.3.5) -----------------------------
+def _nested_url(header: Mapping[str, Any], what: str, section: str) -> str:
+    """The url of a JWS nested in a request (EAB, keyChange inner), which has no nonce."""
+    if "nonce" in header:
+        raise AcmeProblem.malformed(f"{what} must not have a \"nonce\" (RFC 8555 {section})")
+    url = header.get("url")
+    if not isinstance(url, str):
+        raise AcmeProblem.malformed(f"{what} protected header has no \"url\"")
+    return url
+
+
 def verify_external_account_binding(eab: Any, outer_jwk: dict[str, Any], url: str,
                                     lookup: Callable[[str], bytes | None]) -> str:
     """Check a newAccount externalAccountBinding and return its key id (the EAB "kid")."""
@@ -244,11 +263,7 @@ def verify_external_account_binding(eab: Any, outer_jwk: dict[str, Any], url: st
     if "jwk" in header:
         raise AcmeProblem.malformed(f"{what} must name its MAC key with \"kid\", not carry a "
                                     "\"jwk\"")
-    if "nonce" in header:
-        raise AcmeProblem.malformed(f"{what} must not have a \"nonce\" (RFC 8555 §7.3.4)")
-    eab_url = header.get("url")
-    if not isinstance(eab_url, str):
-        raise AcmeProblem.malformed(f"{what} protected header has no \"url\"")
+    eab_url = _nested_url(header, what, "§7.3.4")
     if eab_url != url:
         raise AcmeProblem.unauthorized(
             f"{what} url {clip(repr(eab_url))} is not the newAccount URL {url!r}")
@@ -289,11 +304,7 @@ def verify_key_change(inner: Any, outer: JwsMessage, account_url: str,
     if "jwk" not in header:
         raise AcmeProblem.malformed(f"{what} protected header has no \"jwk\" (the new account "
                                     "key)")
-    if "nonce" in header:
-        raise AcmeProblem.malformed(f"{what} must not have a \"nonce\" (RFC 8555 §7.3.5)")
-    inner_url = header.get("url")
-    if not isinstance(inner_url, str):
-        raise AcmeProblem.malformed(f"{what} protected header has no \"url\"")
+    inner_url = _nested_url(header, what, "§7.3.5")
     if inner_url != outer.url:
         raise AcmeProblem.malformed(f"{what} url {clip(repr(inner_url))} differs from the outer "
                                     f"JWS url {outer.url!r}")
