@@ -28,7 +28,7 @@ from appliance.issuance.names import parse_san
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-    from appliance.authority.provisioners.jwk import TokenSigner
+    from appliance.authority.provisioners.jwk_tokens import TokenSigner
 
 TIMEOUT_SECONDS = 30.0
 
@@ -167,8 +167,8 @@ class CaClient:
 
     def token_signer(self, provisioner: str | None, password: bytes) -> TokenSigner:
         """Fetch and decrypt a JWK provisioner's key (the first JWK one when none is named)."""
-        from appliance.authority.provisioners.jwk import TokenSigner
         from appliance.authority.provisioners.jwk_keys import decrypt_private_key
+        from appliance.authority.provisioners.jwk_tokens import TokenSigner
 
         jwks = [p for p in self.provisioners() if p.get("type") == "JWK"]
         chosen = next((p for p in jwks if provisioner in (None, p["name"])), None)

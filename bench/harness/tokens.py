@@ -19,8 +19,8 @@ def sign_request_bodies(encrypted_key: str, password: bytes, provisioner: str, u
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from appliance.authority.provisioners.jwk import TokenSigner
     from appliance.authority.provisioners.jwk_keys import decrypt_private_key
+    from appliance.authority.provisioners.jwk_tokens import TokenSigner
     from appliance.client import make_csr
 
     key, _ = decrypt_private_key(encrypted_key, password)

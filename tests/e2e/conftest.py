@@ -28,8 +28,8 @@ from e2e_support import (
     write_secret,
 )
 
-from appliance.authority.provisioners.jwk import TokenSigner
 from appliance.authority.provisioners.jwk_keys import decrypt_private_key
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 
 
 @pytest.fixture(scope="module")

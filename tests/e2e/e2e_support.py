@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from appliance.authority.provisioners.jwk import TokenSigner
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 
 APPLIANCTL = str(Path(sys.executable).with_name("applianctl"))
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e_support import Api, CaServer, Response, Tokens, open_api
 
-from appliance.authority.provisioners.jwk import TokenSigner
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 from appliance.client import make_csr
 
 pytestmark = pytest.mark.e2e

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance.authority.provisioners.jwk import TokenSigner
 from appliance.authority.provisioners.jwk_keys import decrypt_private_key
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 from appliance.ceremony.init import CaKeys, InitOptions, create_ca_keys, write_ca_home
 from appliance.issuance.ca_certs import fingerprint, pem
 from appliance.server.app import create_server_app

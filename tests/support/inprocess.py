@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.authority.authority import Authority
-from appliance.authority.provisioners.jwk import TokenSigner
 from appliance.authority.provisioners.jwk_keys import generate_key, public_jwk
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 from appliance.config import CaConfig, parse_config
 from appliance.issuance.ca_certs import build_intermediate, build_root
 from appliance.issuance.issuer import IssuanceRequest, IssuedCertificate, Issuer

@@ -5,7 +5,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.authority.claims import Claims
-from appliance.authority.provisioners.jwk import JwkProvisioner, TokenSigner
+from appliance.authority.provisioners.jwk import JwkProvisioner
 from appliance.authority.provisioners.jwk_keys import (
     decrypt_private_key,
     encrypt_private_key,
@@ -13,6 +13,7 @@ from appliance.authority.provisioners.jwk_keys import (
     public_jwk,
     thumbprint,
 )
+from appliance.authority.provisioners.jwk_tokens import TokenSigner
 from appliance.config import JwkProvisionerConfig
 from appliance.errors import Unauthorized
 

@@ -8,13 +8,11 @@ hour. Single use of jti is enforced by the store, atomically with the issuance i
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from appliance.authority.claims import Claims
@@ -22,7 +20,7 @@ from appliance.authority.csr import parse_csr_pem
 from appliance.authority.lifecycle import RevokeRequest, parse_serial
 from appliance.authority.plan import SignPlan
 from appliance.authority.provisioners.base import AuthorizationContext, Provisioner
-from appliance.authority.provisioners.jwk_keys import jwk_alg, public_jwk
+from appliance.authority.provisioners.jwk_keys import jwk_alg
 from appliance.authority.requests import SignRequest, requested_validity
 from appliance.config import JwkProvisionerConfig
 from appliance.errors import BadRequest, Forbidden, Unauthorized
@@ -34,7 +32,6 @@ from appliance.jose.jws import CompactJws
 from appliance.storage import TokenUse
 
 LEEWAY_SECONDS = 60
-DEFAULT_TOKEN_LIFETIME = 300
 MAX_TOKEN_LIFETIME = 3600
 MAX_TOKEN_BYTES = 8192
 MAX_CN_LENGTH = 64
@@ -152,38 +149,3 @@ class JwkProvisioner(Provisioner):
         if parse_serial(claims.subject) != request.serial:
             raise Unauthorized("the revoke token's subject is not the serial to revoke")
         return TokenUse(self.name, claims.jti, claims.expires_at)
-
-
-@dataclass(frozen=True)
-class TokenSigner:
-    """Mints one-time tokens with a decrypted provisioner key, as `applianctl token` does."""
-
-    key: PrivateKeyTypes
-    kid: str
-    alg: str
-    issuer: str
-
-    @classmethod
-    def for_key(cls, key: PrivateKeyTypes, issuer: str) -> TokenSigner:
-        public = public_jwk(key)
-        return cls(key=key, kid=public["kid"], alg=public["alg"], issuer=issuer)
-
-    def mint(
-        self,
-        subject: str,
-        audience: str,
-        *,
-        sans: list[str] | None = None,
-        root_fingerprint: str | None = None,
-        lifetime: int = DEFAULT_TOKEN_LIFETIME,
-        now: float | None = None,
-    ) -> str:
-        now = time.time() if now is None else now
-        payload: dict[str, Any] = {
-            "iss": self.issuer, "sub": subject, "aud": audience, "nbf": int(now),
-            "iat": int(now), "exp": int(now) + lifetime, "jti": secrets.token_hex(32),
-            "sans": sans if sans is not None else [subject],
-        }
-        if root_fingerprint:
-            payload["sha"] = root_fingerprint
-        return jose_jws.sign_compact(payload, self.key, self.alg, {"kid": self.kid, "typ": "JWT"})
