@@ -61,9 +61,9 @@ def sign_es256(key: ec.EllipticCurvePrivateKey, header: dict[str, Any],
                payload: dict[str, Any] | None) -> bytes:
     """A flattened ES256 JWS (RFC 7515) made with cryptography directly.
 
-    jws.sign (jwcrypto, kept for the tests as an implementation independent of the server's
-    verifier) costs the load generator several times more CPU, which it takes from the server
-    on this shared machine.
+    A JOSE library (the tests sign with jwcrypto, independently of the server's verifier)
+    costs the load generator several times more CPU, which it takes from the server on this
+    shared machine.
     """
     protected = b64url(json.dumps(header, separators=(",", ":")).encode())
     body = b64url(b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode())
