@@ -11,10 +11,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from appliance.config_policy import PolicyConfig
-from appliance.durations import parse_duration
+from appliance.durations import Duration
 from appliance.errors import ConfigError
 from appliance.fileio import write_atomic
 from appliance.home import DEFAULT_HOME_ENV, Defaults, default_home  # noqa: F401 - re-exported
@@ -35,23 +44,35 @@ class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
 
-def _check_duration(value: str | None) -> str | None:
-    if value is not None:
-        if parse_duration(value) <= timedelta(0):
-            raise ValueError(f"duration {value!r} must be positive")
-    return value
+def _duration(*, positive: bool) -> Any:
+    def parse(untrusted: object) -> Duration:
+        if isinstance(untrusted, Duration):
+            return untrusted
+        if not isinstance(untrusted, str):
+            raise ValueError("a duration must be a string such as 5m, 24h or 1h30m")
+        value = Duration(untrusted)  # ValueError names the text
+        if positive and value.value <= timedelta(0):
+            raise ValueError(f"duration {untrusted!r} must be positive")
+        if value.value < timedelta(0):
+            raise ValueError(f"duration {untrusted!r} must not be negative")
+        return value
+    return parse
+
+
+# ca.json durations: parsed and checked once, at load; written back as the operator spelt them.
+PositiveDuration = Annotated[Duration, PlainValidator(_duration(positive=True)),
+                             PlainSerializer(str, return_type=str)]
+NonNegativeDuration = Annotated[Duration, PlainValidator(_duration(positive=False)),
+                                PlainSerializer(str, return_type=str)]
 
 
 class ClaimsConfig(_Model):
-    min_tls_cert_duration: str | None = Field(None, alias="minTLSCertDuration")
-    max_tls_cert_duration: str | None = Field(None, alias="maxTLSCertDuration")
-    default_tls_cert_duration: str | None = Field(None, alias="defaultTLSCertDuration")
+    min_tls_cert_duration: PositiveDuration | None = Field(None, alias="minTLSCertDuration")
+    max_tls_cert_duration: PositiveDuration | None = Field(None, alias="maxTLSCertDuration")
+    default_tls_cert_duration: PositiveDuration | None = Field(
+        None, alias="defaultTLSCertDuration")
     disable_renewal: bool | None = Field(None, alias="disableRenewal")
     allow_renewal_after_expiry: bool | None = Field(None, alias="allowRenewalAfterExpiry")
-
-    _dur = field_validator(
-        "min_tls_cert_duration", "max_tls_cert_duration", "default_tls_cert_duration"
-    )(_check_duration)
 
 
 class X509Options(_Model):
@@ -130,25 +151,16 @@ class AcmeServerConfig(_Model):
 
     http_port: int = Field(80, alias="httpPort", ge=1, le=65535)
     tls_port: int = Field(443, alias="tlsPort", ge=1, le=65535)
-    validation_timeout: str = Field("10s", alias="validationTimeout")
+    validation_timeout: PositiveDuration = Field(Duration("10s"), alias="validationTimeout")
     max_concurrent_validations: int = Field(16, alias="maxConcurrentValidations", ge=1, le=1024)
-    order_lifetime: str = Field("24h", alias="orderLifetime")
-
-    _dur = field_validator("validation_timeout", "order_lifetime")(_check_duration)
+    order_lifetime: PositiveDuration = Field(Duration("24h"), alias="orderLifetime")
 
 
 class AuthorityConfig(_Model):
     provisioners: list[ProvisionerConfig] = Field(default_factory=list)
     claims: ClaimsConfig | None = None
     policy: PolicyConfig | None = None
-    backdate: str = "1m"
-
-    @field_validator("backdate")
-    @classmethod
-    def _backdate(cls, value: str) -> str:
-        if parse_duration(value) < timedelta(0):
-            raise ValueError("backdate must not be negative")
-        return value
+    backdate: NonNegativeDuration = Duration("1m")
 
     @field_validator("provisioners", mode="before")
     @classmethod
@@ -229,28 +241,25 @@ class CrlConfig(_Model):
 
     enabled: bool = False
     generate_on_revoke: bool = Field(True, alias="generateOnRevoke")
-    cache_duration: str = Field("24h", alias="cacheDuration")
-    renew_period: str | None = Field(None, alias="renewPeriod")
+    cache_duration: PositiveDuration = Field(Duration("24h"), alias="cacheDuration")
+    renew_period: PositiveDuration | None = Field(None, alias="renewPeriod")
     idp_url: str | None = Field(None, alias="idpURL")
-
-    _dur = field_validator("cache_duration", "renew_period")(_check_duration)
 
     @model_validator(mode="after")
     def _renew_before_expiry(self) -> CrlConfig:
-        if self.renew_period and parse_duration(self.renew_period) >= parse_duration(
-                self.cache_duration):
+        if self.renew_period and self.renew_period.value >= self.cache_duration.value:
             raise ValueError("crl.renewPeriod must be shorter than crl.cacheDuration")
         if self.idp_url and not self.idp_url.startswith(("http://", "https://")):
             raise ValueError("crl.idpURL must be an http(s) URL")
         return self
 
     def lifetime(self) -> timedelta:
-        return parse_duration(self.cache_duration)
+        return self.cache_duration.value
 
     def regenerate_before_expiry(self) -> timedelta:
         """How long before nextUpdate a fresh CRL is made (default: a third of its life)."""
         life = self.lifetime()
-        return life - parse_duration(self.renew_period) if self.renew_period else life / 3
+        return life - self.renew_period.value if self.renew_period else life / 3
 
 
 class RateConfig(_Model):
@@ -280,9 +289,8 @@ class UnlockConfig(_Model):
 
 class AuditConfig(_Model):
     path: str = "audit/audit.jsonl"
-    checkpoint_interval: str = Field("10m", alias="checkpointInterval")
+    checkpoint_interval: PositiveDuration = Field(Duration("10m"), alias="checkpointInterval")
 
-    _dur = field_validator("checkpoint_interval")(_check_duration)
 
 
 class CaConfig(_Model):
@@ -303,12 +311,11 @@ class CaConfig(_Model):
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig, alias="rateLimits")
     unlock: UnlockConfig = Field(default_factory=UnlockConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
-    request_timeout: str = Field("30s", alias="requestTimeout")
+    request_timeout: PositiveDuration = Field(Duration("30s"), alias="requestTimeout")
     workers: int = Field(0, ge=0, le=64)
     pin_workers: bool = Field(True, alias="pinWorkers")
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)
 
-    _timeout = field_validator("request_timeout")(_check_duration)
 
     @field_validator("address", "insecure_address")
     @classmethod

@@ -50,3 +50,19 @@ def format_duration(value: timedelta) -> str:
     if s:
         out += f"{s}s"
     return sign + out
+
+
+class Duration(str):
+    """A duration as ca.json spells it ("24h", "1h30m"), parsed once: `value` is the timedelta.
+
+    It stays the operator's text (a str), so a ca.json that is read and written back keeps its
+    spelling; the code reads `value` and never parses it again.
+    """
+
+    value: timedelta
+
+    def __new__(cls, text: str) -> Duration:
+        parsed = parse_duration(text)
+        obj = super().__new__(cls, text)
+        obj.value = parsed
+        return obj

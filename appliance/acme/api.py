@@ -25,7 +25,6 @@ from appliance.acme.middleware import acme_middleware, edge_answer
 from appliance.acme.service import AcmeService
 from appliance.authority.authority import Authority
 from appliance.config import CaConfig
-from appliance.durations import parse_duration
 from appliance.storage.acme_protocol import AcmeStore
 from appliance.web_edge import RouteRole, declare_route, edge_rules
 
@@ -106,5 +105,5 @@ def mount_acme(parent: web.Application, state: AcmeState, max_body: int) -> Acme
 def validation_settings(config: CaConfig, resolver: str | None) -> ValidationSettings:
     return ValidationSettings(http_port=config.acme.http_port, tls_port=config.acme.tls_port,
                               resolver=resolver,
-                              timeout=parse_duration(config.acme.validation_timeout)
+                              timeout=config.acme.validation_timeout.value
                               .total_seconds())

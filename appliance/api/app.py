@@ -24,7 +24,6 @@ from appliance.authority.lifecycle import RevokeRequest
 from appliance.authority.provisioners.jwk import JwkProvisioner
 from appliance.authority.requests import SignRequest
 from appliance.config import CIPHER_SUITES, CaConfig
-from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from appliance.issuance.ca_certs import fingerprint, pem
 from appliance.issuance.issuer import IssuedCertificate
@@ -61,7 +60,7 @@ class ApiState:
         rl = config.rate_limits
         self.issuance_limit = TokenBuckets(rl.issuance.per_second, rl.issuance.burst)
         self.failed_auth_limit = TokenBuckets(rl.failed_auth.per_second, rl.failed_auth.burst)
-        self.request_timeout = parse_duration(config.request_timeout).total_seconds()
+        self.request_timeout = config.request_timeout.value.total_seconds()
 
 
 STATE = web.AppKey("state", ApiState)

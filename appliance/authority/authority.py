@@ -33,7 +33,6 @@ from appliance.authority.provisioners.jwk import MAX_TOKEN_BYTES, JwkProvisioner
 from appliance.authority.provisioners.system import SystemProvisioner
 from appliance.authority.requests import SignRequest, requested_validity
 from appliance.config import CaConfig, JwkProvisionerConfig, ProvisionerConfig, resolve_path
-from appliance.durations import parse_duration
 from appliance.errors import (
     BadRequest,
     ConfigError,
@@ -123,7 +122,7 @@ class Authority:
         self.config = config
         self.policy = X509NamePolicy.of(config.authority.policy)
         self.claims = global_claims
-        self.backdate = parse_duration(config.authority.backdate)
+        self.backdate = config.authority.backdate.value
         self.provisioners = provisioners
         self._by_kid = {p.kid: p for p in provisioners if isinstance(p, JwkProvisioner)}
         self.sign_audiences = audiences_for(config, "/sign")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from appliance.config import ClaimsConfig
-from appliance.durations import format_duration, parse_duration
+from appliance.durations import Duration, format_duration
 from appliance.errors import ConfigError, Forbidden
 
 
@@ -50,8 +50,8 @@ class Claims:
                 f"maximum certificate duration of {format_duration(self.max_duration)}")
 
 
-def _dur(value: str | None, default: timedelta) -> timedelta:
-    return parse_duration(value) if value is not None else default
+def _dur(value: Duration | None, default: timedelta) -> timedelta:
+    return value.value if value is not None else default
 
 
 def _flag(value: bool | None, default: bool) -> bool:

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import secrets
 from pathlib import Path
 
+from appliance.ceremony.init import InitOptions, InitResult, initialise
 from appliance.config import home_of, load_config, resolve_path
 from appliance.server.composition import open_services
 from appliance.server.tls import issue_server_certificate, save_server_tls
 from appliance.unlock.quorum import SealedPin, recover_pin, seal_pin, write_shares
+
+# The issuer PIN of a quorum CA: random, never shown whole, only ever sealed into shares.
+QUORUM_PIN_BYTES = 32
+
+
+def initialise_sealed(opts: InitOptions, share_dir: Path) -> tuple[InitResult, list[Path]]:
+    """The init ceremony of a quorum CA: a random issuer PIN nobody sees, the CA created with
+    it, then the PIN sealed M-of-N; returns the CA's files and the N share files."""
+    assert opts.quorum is not None
+    issuer_pin = secrets.token_urlsafe(QUORUM_PIN_BYTES)
+    result = initialise(dataclasses.replace(opts, issuer_pin=issuer_pin))
+    paths = asyncio.run(seal_new_ca(result.config_path, issuer_pin, opts.quorum, share_dir))
+    del issuer_pin
+    return result, paths
 
 
 async def seal_new_ca(config_path: Path, issuer_pin: str, quorum: tuple[int, int],

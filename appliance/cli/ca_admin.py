@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 from pathlib import Path
 
 import click
 
-from appliance.cli.app import ca_config_path, read_secret, record_cli_event, run
+from appliance.cli.app import ca_config_path, read_secret, record_cli_event
 from appliance.errors import BadRequest
 from appliance.home import default_home
 
@@ -70,7 +69,7 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
         if issuer_password_file is not None:
             raise BadRequest("with --quorum the issuer PIN is random and never shown; drop "
                              "--issuer-password-file")
-        issuer_pin = secrets.token_urlsafe(32)
+        issuer_pin = ""  # the ceremony makes it
     elif share_dir is not None:
         raise BadRequest("--share-dir goes with --quorum")
     else:
@@ -79,19 +78,21 @@ def init(name: str, dns_names: tuple[str, ...], address: str, provisioner: str,
     prov_password = (read_secret(provisioner_password_file, "Provisioner password: ",
                                  "provisioner password")
                      if provisioner_password_file else root_pin)
-    result = initialise(InitOptions(
+    options = InitOptions(
         home=(home or default_home()).absolute(), name=name,
         dns_names=dns_names or ("localhost", "127.0.0.1"), address=address,
         provisioner=provisioner, root_pin=root_pin, issuer_pin=issuer_pin,
         provisioner_password=prov_password.encode(), key_spec=KeySpec.parse(kty, curve, size),
         module_path=module, root_token=root_token, issuer_token=issuer_token, force=force,
-        acme=with_acme, quorum=quorum_mn))
-    if quorum_mn is not None:
+        acme=with_acme, quorum=quorum_mn)
+    del issuer_pin
+    if quorum_mn is None:
+        result = initialise(options)
+    else:
         assert share_dir is not None
-        from appliance.ceremony.quorum import seal_new_ca
+        from appliance.ceremony.quorum import initialise_sealed
 
-        paths = run(seal_new_ca(result.config_path, issuer_pin, quorum_mn, share_dir))
-        del issuer_pin
+        result, paths = initialise_sealed(options, share_dir)
         click.echo(f"Issuer PIN sealed; {len(paths)} shares in {share_dir} (any "
                    f"{quorum_mn[0]} unseal the CA). Hand each to its custodian, then delete "
                    "them here.")

@@ -16,7 +16,6 @@ from aiohttp import web
 from appliance.acme.api import AcmeState, mount_acme, validation_settings
 from appliance.api.app import ApiState, create_app, create_insecure_app
 from appliance.config import load_config
-from appliance.durations import parse_duration
 from appliance.errors import ApplianceError
 from appliance.server.composition import Services
 from appliance.storage.sqlite_acme import SqliteAcmeStore
@@ -64,7 +63,7 @@ def create_server_app(services: Services, *, resolver: str | None = None) -> Ser
         authority=services.authority, store=SqliteAcmeStore(services.store),
         settings=validation_settings(config, resolver),
         max_concurrent=config.acme.max_concurrent_validations,
-        order_lifetime=parse_duration(config.acme.order_lifetime))
+        order_lifetime=config.acme.order_lifetime.value)
     mount_acme(app, acme_state, config.max_body_bytes)
     insecure_app = create_insecure_app(state) if config.insecure_address else None
     return ServerApp(services, state, app, insecure_app)

@@ -35,7 +35,6 @@ from appliance.acme.challenges import parse_resolver_address
 from appliance.api.app import create_sealed_app
 from appliance.audit import AuditError, AuditEvent
 from appliance.config import CaConfig, home_of, load_config, resolve_path
-from appliance.durations import parse_duration
 from appliance.errors import ApplianceError, ConfigError
 from appliance.fileio import write_atomic
 from appliance.logs import configure_logging
@@ -201,7 +200,7 @@ class Supervisor:
             log.error("audit_checkpoint_failed", reason=str(e)[:200])
 
     async def _checkpoints(self) -> None:
-        interval = parse_duration(self._config.audit.checkpoint_interval).total_seconds()
+        interval = self._config.audit.checkpoint_interval.value.total_seconds()
         while True:
             await asyncio.sleep(interval)
             await self._checkpoint()

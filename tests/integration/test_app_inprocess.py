@@ -37,7 +37,7 @@ from hsm.pkcs11_store import Pkcs11KeyStore
 # and acme/); under pytest's warnings-as-errors that warning would turn every issuance into a 500.
 # The servers of the e2e suite run without that filter; the fix (web.RequestKey, shared by api/
 # and acme/) belongs to those packages.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+
 
 # The SoftHsmEnv of tests/integration/conftest.py (conftest modules are not imported by name).
 SoftHsmEnv = Any

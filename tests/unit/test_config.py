@@ -68,3 +68,19 @@ def test_write_json_atomic_mode_and_content(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text())["address"] == "127.0.0.1:9000"
     assert [p.name for p in path.parent.iterdir()] == ["ca.json"]  # no temp file left behind
+
+
+def test_durations_are_parsed_once_and_keep_their_spelling() -> None:
+    from datetime import timedelta
+
+    cfg = parse_config(minimal(requestTimeout="1m30s",
+                               authority={"provisioners": [], "backdate": "90s"}))
+    assert cfg.request_timeout.value == timedelta(seconds=90)
+    assert cfg.authority.backdate.value == timedelta(seconds=90)
+    assert cfg.crl.cache_duration.value == timedelta(hours=24)  # a default is typed too
+    written = cfg.model_dump(by_alias=True, exclude_none=True)
+    assert (written["requestTimeout"], written["authority"]["backdate"]) == ("1m30s", "90s")
+    with pytest.raises(ConfigError, match="must not be negative"):
+        parse_config(minimal(authority={"provisioners": [], "backdate": "-1m"}))
+    with pytest.raises(ConfigError, match="must be positive"):
+        parse_config(minimal(requestTimeout="0s"))
