@@ -312,6 +312,12 @@ class CaConfig(_Model):
     unlock: UnlockConfig = Field(default_factory=UnlockConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     request_timeout: PositiveDuration = Field(Duration("30s"), alias="requestTimeout")
+    # Connection limits (appliance/server/connections.py); maxConnections 0: from RLIMIT_NOFILE.
+    header_timeout: PositiveDuration = Field(Duration("10s"), alias="headerTimeout")
+    keepalive_timeout: PositiveDuration = Field(Duration("30s"), alias="keepaliveTimeout")
+    max_connections_per_address: int = Field(64, alias="maxConnectionsPerAddress", ge=1,
+                                             le=1_000_000)
+    max_connections: int = Field(0, alias="maxConnections", ge=0, le=1_000_000)
     workers: int = Field(0, ge=0, le=64)
     pin_workers: bool = Field(True, alias="pinWorkers")
     max_body_bytes: int = Field(65536, alias="maxBodyBytes", ge=1024, le=16 * 1024 * 1024)

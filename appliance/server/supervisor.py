@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from appliance.errors import ApplianceError, ConfigError
 from appliance.fileio import write_atomic
 from appliance.logs import configure_logging
 from appliance.server.composition import Services, audit_log, open_services
+from appliance.server.connections import ConnectionLimits
 from appliance.server.dispatch import Listeners
 from appliance.server.pool import WorkerPool
 from appliance.server.sdnotify import notify, watchdog_interval
@@ -113,9 +113,10 @@ class Supervisor:
             # Password mode: a wrong PIN or a missing token is the first thing to report.
             self.services = await open_services(self.options.config_path, self._pin)
         try:
-            self._listeners = Listeners(*self.config.host_port())
-            if self.config.insecure_address:
-                check_address_free(*self.config.host_port(self.config.insecure_address))
+            plain = self.config.insecure_address
+            self._listeners = Listeners(
+                *self.config.host_port(), limits=ConnectionLimits.of(self.config),
+                plain=self.config.host_port(plain) if plain else None)
         except ApplianceError:
             if self._listeners is not None:
                 self._listeners.close()
@@ -130,8 +131,6 @@ class Supervisor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.config.insecure_address:
-            check_address_free(*self.config.host_port(self.config.insecure_address))
         for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
                              (signal.SIGHUP, self.reload)):
             loop.add_signal_handler(sig, handler)
@@ -431,22 +430,6 @@ class Supervisor:
                 continue
             self._pool.renewed_tls(self._tls[0], self._tls[1])
             log.info("tls_certificate_renewed", not_after=self._tls[2].isoformat())
-
-
-def check_address_free(host: str, port: int) -> None:
-    """Refuse to start when the port is taken, even by another server using SO_REUSEPORT.
-
-    Workers bind the insecure (plain HTTP) address with SO_REUSEPORT so that they can share it;
-    without this probe a second `applianctl serve` would silently join the first one's port.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # SO_REUSEADDR passes over TIME_WAIT leftovers of a previous run, never a live listener.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ApplianceError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def write_pidfile(path: Path) -> None:

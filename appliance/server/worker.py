@@ -28,7 +28,8 @@ from appliance.issuance.ca_certs import pem
 from appliance.logs import configure_logging
 from appliance.server.app import create_server_app
 from appliance.server.composition import Services, open_services
-from appliance.server.dispatch import HandedOverSite
+from appliance.server.connections import ConnectionLimits
+from appliance.server.dispatch import PLAIN, TLS, HandedOverSite, HandOverChannel
 from appliance.server.tls import load_chain, server_context
 from hsm.errors import DeviceError, HsmError, TokenNotFound
 
@@ -103,17 +104,22 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     ssl_context = server_context(services.config.tls, chain, key_pem, pem(services.root))
     del key_pem
     served = create_server_app(services, resolver=resolver)
+    # Both listeners' connections come from the supervisor, which enforces the caps per
+    # address and in total; here each gets the header deadline and the keep-alive timeout.
+    limits = ConnectionLimits.of(services.config)
+    handed_over = HandOverChannel(channel)
     runner = web.AppRunner(served.app, access_log=None, handle_signals=False,
-                           shutdown_timeout=DRAIN_SECONDS)
+                           shutdown_timeout=DRAIN_SECONDS,
+                           keepalive_timeout=limits.keepalive_timeout)
     await runner.setup()
-    await HandedOverSite(runner, channel, ssl_context).start()
+    await HandedOverSite(runner, handed_over, TLS, ssl_context, limits).start()
     insecure_runner = None
     if served.insecure_app is not None:
         insecure_runner = web.AppRunner(served.insecure_app, access_log=None,
-                                        handle_signals=False, shutdown_timeout=DRAIN_SECONDS)
+                                        handle_signals=False, shutdown_timeout=DRAIN_SECONDS,
+                                        keepalive_timeout=limits.keepalive_timeout)
         await insecure_runner.setup()
-        ihost, iport = services.config.host_port(services.config.insecure_address)
-        await web.TCPSite(insecure_runner, ihost, iport, reuse_port=True).start()
+        await HandedOverSite(insecure_runner, handed_over, PLAIN, None, limits).start()
 
     stop = asyncio.Event()
 
