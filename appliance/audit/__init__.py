@@ -1,8 +1,9 @@
 """Append-only, hash-chained audit log (see docs/audit.md).
 
 record.py: the event and its line (format, hash chain, secrets left out); checkpoint.py: the
-issuer key's signatures over the chain head; log.py: the file writer (AuditLog); verify.py:
-reading back (verify, tail); sink.py: the AuditSink protocol callers depend on.
+issuer key's signatures over the chain head; log.py: the file writer (AuditLog); tail_repair.py:
+cutting off a record a dead writer left torn; verify.py: reading back (verify, tail); sink.py:
+the AuditSink protocol callers depend on.
 """
 
 from appliance.audit.checkpoint import (
@@ -16,6 +17,7 @@ from appliance.audit.checkpoint import (
 from appliance.audit.log import AuditLog
 from appliance.audit.record import EVENTS, AuditError, AuditEvent, is_secret_key
 from appliance.audit.sink import AuditSink
+from appliance.audit.tail_repair import TailRepair
 from appliance.audit.verify import VerifyResult, tail, verify
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "AuditLog",
     "AuditSink",
     "Signer",
+    "TailRepair",
     "VerifyResult",
     "certificate_sha256",
     "checkpoint_algorithm",

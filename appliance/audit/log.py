@@ -12,6 +12,9 @@ last batch, so under load one lock and one fsync cover many records (group commi
 Fail closed: `append` returns only once its record is written (and fsynced when `fsync=True`),
 and raises AuditError otherwise. A caller about to issue, revoke or change state must treat
 AuditError as a refusal: nothing the audit log cannot record may happen.
+
+A torn last record (a writer died mid-write) is cut off and recorded by the next writer, under
+the lock (tail_repair.py); `check_chain_sync` is what `serve` runs once at start.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
@@ -50,8 +54,18 @@ from appliance.audit.record import (
     rfc3339,
     to_json,
 )
+from appliance.audit.tail_repair import (
+    REPAIR_EVENT,
+    keep_aside,
+    read_torn_tail,
+    repair_details,
+    scan_tail,
+)
+from appliance.audit.verify import verify
 from appliance.batching import BatchWriter, Outcome
 from appliance.fileio import fsync_directory
+
+log = structlog.get_logger("appliance.audit")
 
 MAX_BATCH: Final = 1024
 
@@ -142,6 +156,20 @@ class AuditLog:
         body = record_body(event.event, event.outcome, event.actor, event.details)
         with self._exclusive() as tail:
             return self._write(tail, [body])[0]
+
+    def check_chain_sync(self) -> None:
+        """Check the whole chain under the lock, then repair a torn tail; raise AuditError if bad.
+
+        For `serve` at start, once, before any worker writes: it reads the whole file, and other
+        writers wait meanwhile. Checkpoint signatures are not checked here (`audit verify` does).
+        """
+        with self._locked() as (fd, ident, size):
+            end, _ = scan_tail(fd, size, self.path)
+            result = verify(self.path, (), checkpoint_signatures=False, end=end)
+            if not result.ok:
+                raise AuditError(f"the audit log {self.path} is broken at {result.reason}; "
+                                 "run 'applianctl audit verify'")
+            self._tail(fd, ident, size)  # cuts off and records a torn tail
 
     async def checkpoint(self, sign: Signer, certificate: x509.Certificate, actor: str) -> int:
         """Append a checkpoint signing the chain head with `sign`; return its seq.
@@ -236,12 +264,18 @@ class AuditLog:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[_Tail]:
         """Hold this process's mutex and the file's flock; yield where the chain ends."""
+        with self._locked() as (fd, ident, size):
+            yield self._tail(fd, ident, size)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[tuple[int, tuple[int, int], int]]:
+        """Hold this process's mutex and the file's flock; yield (fd, identity, size)."""
         with self._mutex:
             if self._broken is not None:
                 raise AuditError(self._broken)
             fd, ident, size = self._lock_current_file()
             try:
-                yield self._tail(fd, ident, size)
+                yield fd, ident, size
             finally:
                 with contextlib.suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_UN)
@@ -323,8 +357,29 @@ class AuditLog:
             # The file was replaced by an empty one: continue the chain rather than restart it,
             # so that a deleted log shows as a gap instead of a fresh, valid-looking chain.
             return _Tail(fd, ident, 0, cached.seq, cached.head)
-        seq, head = _read_last_record(fd, size, self.path)
+        end, line = scan_tail(fd, size, self.path)
+        if end < size:
+            return self._repair(fd, ident, size, end)
+        seq, head = _parse_last_record(line, self.path)
         return _Tail(fd, ident, size, seq, head)
+
+    def _repair(self, fd: int, ident: tuple[int, int], size: int, end: int) -> _Tail:
+        """Keep the torn fragment aside, cut it off, fsync, and record that (lock held)."""
+        torn = read_torn_tail(fd, end, size, self.path)
+        kept = keep_aside(self.path, torn, self._clock(), fsync=self._fsync)
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        except OSError as e:
+            raise AuditError(f"cannot cut the torn record off the audit log {self.path}: "
+                             f"{e.strerror}") from None
+        tail = self._tail(fd, ident, end)
+        details = repair_details(torn, kept)
+        self._write(tail, [record_body(REPAIR_EVENT, "success", f"process:{os.getpid()}",
+                                       details)])
+        log.warning("audit_tail_repaired", path=str(self.path), **details)
+        assert self._cache is not None
+        return _Tail(fd, ident, self._cache.size, self._cache.seq, self._cache.head)
 
     def _write(self, tail: _Tail, bodies: list[bytes]) -> list[int]:
         """Number, chain, write and fsync `bodies` at the end of the locked file."""
@@ -351,34 +406,16 @@ class AuditLog:
             try:
                 os.ftruncate(tail.fd, tail.size)
             except OSError:
-                self._cache = None  # the next writer reads the tail and refuses a torn one
+                self._cache = None  # the next writer reads the tail and cuts a torn one off
             raise AuditError(f"cannot write the audit log {self.path}: {e.strerror}") from None
         self._cache = _Tail(tail.fd, tail.ident, tail.size + len(data), seq, head)
         return seqs
 
 
-def _read_last_record(fd: int, size: int, path: Path) -> tuple[int, str]:
-    """The seq of the last line and the SHA-256 of its bytes; (0, zeros) for an empty file."""
-    if size == 0:
+def _parse_last_record(line: bytes, path: Path) -> tuple[int, str]:
+    """The seq of the last complete line and the SHA-256 of its bytes; (0, zeros) for none."""
+    if not line:
         return 0, ZERO_HEAD
-    chunk = 4096
-    try:
-        while True:
-            start = max(0, size - chunk)
-            data = os.pread(fd, size - start, start)
-            if len(data) != size - start:
-                raise AuditError(f"the audit log {path} changed while being read")
-            if not data.endswith(b"\n"):
-                raise AuditError(
-                    f"the audit log {path} ends with an incomplete record (a write was cut "
-                    "short); refusing to write after it: see docs/audit.md, 'Repair'")
-            newline = data.rfind(b"\n", 0, len(data) - 1)
-            if newline >= 0 or start == 0:
-                line = data[newline + 1:]
-                break
-            chunk *= 4
-    except OSError as e:
-        raise AuditError(f"cannot read the audit log {path}: {e.strerror}") from None
     try:
         seq = json.loads(line)["seq"]
     except (ValueError, TypeError, KeyError):

@@ -27,12 +27,13 @@ from appliance.redaction import is_secret_name, without_secrets
 ZERO_HEAD: Final = "0" * 64
 OUTCOMES: Final = frozenset({"success", "failure"})
 # The events the appliance writes. Not a closed list (the event name only has to be a lowercase
-# dotted word); `checkpoint` is reserved for AuditLog.checkpoint.
+# dotted word); `checkpoint` is reserved for AuditLog.checkpoint, `audit.repair` for the writer
+# that cuts a torn record off (tail_repair.py).
 EVENTS: Final = frozenset({
     "ca.init", "token.login", "token.logout", "seal", "unseal", "unseal.share",
     "provisioner.change", "policy.change", "cert.issue", "cert.renew", "cert.rekey",
     "cert.revoke", "request.refused", "crl.generate", "config.reload", "server.start",
-    "server.stop", "checkpoint", "kms.check",
+    "server.stop", "checkpoint", "kms.check", "audit.repair",
 })
 EVENT_NAME: Final = re.compile(r"[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*")
 FIELDS: Final = ("seq", "time", "actor", "event", "outcome", "details", "prev")
@@ -56,6 +57,8 @@ class AuditEvent:
             raise ValueError(f"audit event name {self.event!r} is not a lowercase dotted word")
         if self.event == "checkpoint":
             raise ValueError("checkpoint records are written by AuditLog.checkpoint only")
+        if self.event == "audit.repair":
+            raise ValueError("audit.repair records are written by AuditLog only")
         if self.outcome not in OUTCOMES:
             raise ValueError(f"audit outcome must be 'success' or 'failure', not {self.outcome!r}")
         if not self.actor or len(self.actor) > 256 or not self.actor.isprintable():

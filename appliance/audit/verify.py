@@ -23,6 +23,7 @@ from appliance.audit.checkpoint import (
     verify_signature,
 )
 from appliance.audit.record import EVENT_NAME, FIELDS, OUTCOMES, ZERO_HEAD, AuditError
+from appliance.audit.tail_repair import REPAIR_EVENT, TailRepair, repair_problem
 
 _TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 _HEX64: Final = re.compile(r"[0-9a-f]{64}")
@@ -39,6 +40,7 @@ class VerifyResult:
     first_bad_line: int | None
     reason: str | None
     last_checkpoint_seq: int | None
+    repairs: tuple[TailRepair, ...] = ()  # torn tails the writers cut off, oldest first
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -85,8 +87,10 @@ class _ChainCheck:
     """Walks the file line by line; `check` returns the reason a line is bad, or None."""
 
     def __init__(self, certificates: Sequence[x509.Certificate],
-                 previous_head: str | None) -> None:
+                 previous_head: str | None, checkpoint_signatures: bool = True) -> None:
         self.by_fingerprint = {certificate_sha256(c): c for c in certificates}
+        self.checkpoint_signatures = checkpoint_signatures
+        self.repairs: list[TailRepair] = []
         self.previous_head = previous_head
         self.head = previous_head or ZERO_HEAD
         self.expected_seq: int | None = None if previous_head else 1
@@ -131,6 +135,13 @@ class _ChainCheck:
             self.checkpoints += 1
             self.last_checkpoint_seq = seq
             self.last_checkpoint_line = lineno
+        elif record["event"] == REPAIR_EVENT:
+            problem = repair_problem(record["details"])
+            if problem is not None:
+                return problem
+            d = record["details"]
+            self.repairs.append(TailRepair(seq, lineno, d["torn_bytes"], d["torn_sha256"],
+                                           d["kept_in"], d["offset"]))
         self.head = hashlib.sha256(line).hexdigest()
         self.expected_seq = seq + 1
         self.records += 1
@@ -147,6 +158,8 @@ class _ChainCheck:
             return "checkpoint head is not the SHA-256 of the line before it"
         if not _is_int(details["seq"]) or details["seq"] != record["seq"] - 1:
             return "checkpoint seq is not the seq of the record before it"
+        if not self.checkpoint_signatures:
+            return None
         certificate = self.by_fingerprint.get(details["certificate_sha256"])
         if certificate is None:
             return (f"checkpoint signed by certificate {details['certificate_sha256'][:16]}…, "
@@ -176,19 +189,29 @@ class _ChainCheck:
 
 
 def verify(path: Path, certificates: Sequence[x509.Certificate], *,
-           previous_head: str | None = None) -> VerifyResult:
+           previous_head: str | None = None, checkpoint_signatures: bool = True,
+           end: int | None = None) -> VerifyResult:
     """Check the whole chain and every checkpoint signature; report the first bad record.
 
     A checkpoint's certificate is chosen among `certificates` by its SHA-256. `previous_head`
     is for a file that continues an earlier one: the SHA-256 of that file's last line.
     `ok` stays True when the chain is intact but its last records are not yet covered by a
-    checkpoint; `reason` then says which. Raises AuditError when the file cannot be read.
+    checkpoint; `reason` then says which. `checkpoint_signatures=False` checks where each
+    checkpoint sits but not its signature; `end` checks only the file's first `end` bytes (a
+    line boundary). Repairs of a torn tail are in `repairs`. Raises AuditError when the file
+    cannot be read.
     """
-    check = _ChainCheck(certificates, previous_head)
+    check = _ChainCheck(certificates, previous_head, checkpoint_signatures)
     lineno = 0
+    left = end
     try:
         with path.open("rb") as f:
             for lineno, line in enumerate(f, start=1):
+                if left is not None:
+                    if left <= 0:
+                        lineno -= 1
+                        break
+                    left -= len(line)
                 record = _parse_record(line)
                 reason = check.check(line, lineno, record)
                 if reason is not None:
@@ -197,11 +220,13 @@ def verify(path: Path, certificates: Sequence[x509.Certificate], *,
                     where = (f"record {bad_seq} (line {lineno})" if bad_seq is not None
                              else f"line {lineno}")
                     return VerifyResult(False, check.records, check.checkpoints, bad_seq, lineno,
-                                        f"{where}: {reason}", check.last_checkpoint_seq)
+                                        f"{where}: {reason}", check.last_checkpoint_seq,
+                                        tuple(check.repairs))
     except OSError as e:
         raise AuditError(f"cannot read the audit log {path}: {e.strerror}") from None
     return VerifyResult(True, check.records, check.checkpoints, None, None,
-                        check.coverage_note(lineno), check.last_checkpoint_seq)
+                        check.coverage_note(lineno), check.last_checkpoint_seq,
+                        tuple(check.repairs))
 
 
 def tail(path: Path, n: int) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from appliance.errors import BadRequest
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from appliance.audit import TailRepair
     from appliance.config import CaConfig
 
 
@@ -61,8 +62,27 @@ def audit_verify(file: Path | None, ca_config: Path | None) -> None:
         sys.exit(1)
     click.echo(f"ok: {result.records} records, {result.checkpoints} checkpoints; last "
                f"checkpoint at record {result.last_checkpoint_seq}")
+    for repair in result.repairs:
+        click.echo(f"repaired: record {repair.seq} (line {repair.line}) cut off a torn record "
+                   f"of {repair.torn_bytes} bytes (sha256 {repair.torn_sha256}) at byte "
+                   f"{repair.offset}, kept in {repair.kept_in} {_kept_state(path, repair)}")
     if result.reason:
         click.echo(f"note: {result.reason}")
+
+
+def _kept_state(log: Path, repair: TailRepair) -> str:
+    """Whether the fragment a repair kept aside is still next to the log, unchanged."""
+    import hashlib
+
+    try:
+        data = (log.parent / repair.kept_in).read_bytes()
+    except FileNotFoundError:
+        return "(that file is gone)"
+    except OSError as e:
+        return f"(that file cannot be read: {e.strerror})"
+    if len(data) == repair.torn_bytes and hashlib.sha256(data).hexdigest() == repair.torn_sha256:
+        return "(present, its bytes match)"
+    return "(present, but its bytes do NOT match the record)"
 
 
 @audit.command("tail")

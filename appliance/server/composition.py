@@ -60,6 +60,9 @@ class Services:
             self.keystore.close()
 
 
+AUDIT_REFUSES_START = "the audit log cannot be written; the CA will not start without it"
+
+
 def process_actor() -> str:
     return f"process:{os.getpid()}"
 
@@ -136,10 +139,17 @@ async def open_services(config_path: Path, issuer_pin: str) -> Services:
     try:
         await services.audit.append(AuditEvent("token.login", "success", process_actor(),
                                                {"label": keystore.token_label}))
-    except AuditError:
+    except AuditError as e:
         await services.audit.close()
         await services.store.close()
         keystore.close()
-        raise ConfigError("the audit log cannot be written; the CA will not start without it"
-                          ) from None
+        raise ConfigError(f"{AUDIT_REFUSES_START}: {e}") from None
     return services
+
+
+def check_audit_log(audit: AuditLog) -> None:
+    """Before serving: check the chain, cut off a torn last record; ConfigError with the reason."""
+    try:
+        audit.check_chain_sync()
+    except AuditError as e:
+        raise ConfigError(f"{AUDIT_REFUSES_START}: {e}") from None

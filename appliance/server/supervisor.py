@@ -37,7 +37,7 @@ from appliance.config import CaConfig, home_of, load_config, resolve_path
 from appliance.errors import ApplianceError, ConfigError
 from appliance.fileio import write_atomic
 from appliance.logs import configure_logging
-from appliance.server.composition import Services, audit_log, open_services
+from appliance.server.composition import Services, audit_log, check_audit_log, open_services
 from appliance.server.connections import ConnectionLimits
 from appliance.server.dispatch import Listeners
 from appliance.server.pool import WorkerPool
@@ -109,6 +109,8 @@ class Supervisor:
         self._stop.set()
 
     async def run(self) -> int:
+        # Once, before any worker writes: a broken chain refuses to start, a torn tail is cut off.
+        await asyncio.to_thread(check_audit_log, self._audit)
         if self._pin is not None:
             # Password mode: a wrong PIN or a missing token is the first thing to report.
             self.services = await open_services(self.options.config_path, self._pin)

@@ -545,17 +545,170 @@ def test_read_only_directory_refuses_appends(tmp_path: Path) -> None:
     assert not (audit_dir / "audit.jsonl").exists()
 
 
-async def test_log_with_a_torn_last_line_refuses_to_continue(tmp_path: Path) -> None:
+# -- a torn last record: cut off, kept aside, recorded -------------------------------------------
+TORN = b'{"seq":4,"time":"2026-12-08T10:11:12.000000Z","actor":"provisioner:admin","ev'
+
+
+def repairs_in(path: Path) -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, lines_of(path)) if r["event"] == "audit.repair"]
+
+
+def kept_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.torn-*"))
+
+
+async def log_with_records(path: Path, count: int) -> AuditLog:
+    log = AuditLog(path)
+    for i in range(count):
+        await log.append(issued(i))
+    return log
+
+
+async def test_a_torn_last_record_is_kept_aside_cut_off_and_recorded(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
+    log = await log_with_records(path, 3)
+    await log.close()
+    complete = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(TORN)
+
+    log = AuditLog(path)
+    assert await log.append(issued(3)) == 5, "the repair record takes seq 4, the new one 5"
+    await log.close()
+    (kept,) = kept_files(path)
+    assert kept.read_bytes() == TORN, "the fragment's bytes must be kept, unchanged"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    lines = lines_of(path)
+    assert b"".join(lines[:3]) == complete, "the complete records must stay as they were"
+    repair = json.loads(lines[3])
+    assert (repair["seq"], repair["event"], repair["outcome"]) == (4, "audit.repair", "success")
+    assert repair["details"] == {"torn_bytes": len(TORN), "torn_sha256": sha256_hex(TORN),
+                                 "kept_in": kept.name, "offset": len(complete)}
+    assert repair["prev"] == sha256_hex(lines[2]), "the repair chains onto the last whole line"
+    assert json.loads(lines[4])["details"]["serial"] == f"{0x7f03:x}"
+    result = verify(path, [])
+    assert result.ok, result.reason
+    ((seq, line, size, digest, name),) = [
+        (r.seq, r.line, r.torn_bytes, r.torn_sha256, r.kept_in) for r in result.repairs]
+    assert (seq, line, size, digest, name) == (4, 4, len(TORN), sha256_hex(TORN), kept.name)
+
+    # A second tear later on, with the same clock second: its own file, its own record.
+    with path.open("ab") as f:
+        f.write(b'{"seq":6,"ti')
+    log = AuditLog(path, clock=lambda: datetime(2026, 12, 8, 10, 0, tzinfo=UTC))
+    await log.append(issued(4))
+    with path.open("ab") as f:
+        f.write(b'{"s')  # another process tore a record after this one's last write
+    await log.append(issued(5))
+    await log.close()
+    assert len(kept_files(path)) == 3
+    result = verify(path, [])
+    assert result.ok, result.reason
+    assert [(tmp_path / r.kept_in).read_bytes() for r in result.repairs] == [
+        TORN, b'{"seq":6,"ti', b'{"s']
+    assert result.repairs[2].kept_in == result.repairs[1].kept_in + "-2"
+    assert [r["seq"] for r in map(json.loads, lines_of(path))] == list(range(1, 10))
+
+
+async def test_a_log_that_is_only_a_fragment_starts_its_chain_after_the_repair(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"seq":1,"time":"2026-')
+    log = AuditLog(path)
+    assert await log.append(issued(1)) == 2
+    await log.close()
+    result = verify(path, [])
+    assert result.ok and result.records == 2 and result.repairs[0].offset == 0, result
+
+
+def _die_mid_record(path: str, fragment: bytes, ready: Any) -> None:
+    """Runs in a spawned process: a writer that holds the lock and has written half a record."""
+    import fcntl
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, fragment)
+    ready.set()
+    time.sleep(120)  # killed by the test long before
+
+
+def _append_one(path: str, worker: int) -> None:
+    AuditLog(Path(path)).append_sync(AuditEvent("cert.issue", "success", f"worker:{worker}",
+                                                {"worker": worker}))
+
+
+async def test_a_write_in_progress_is_not_torn_and_one_writer_repairs_after_a_kill(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = await log_with_records(path, 3)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    dying = ctx.Process(target=_die_mid_record, args=(str(path), TORN, ready))
+    dying.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 60), "the dying writer never got the lock"
+        others = [ctx.Process(target=_append_one, args=(str(path), w)) for w in range(3)]
+        for p in others:
+            p.start()
+        mine = asyncio.ensure_future(log.append(issued(9)))
+        await asyncio.sleep(1.5)  # every other writer is now waiting for the lock
+        assert not mine.done(), "a writer went ahead while another held the lock"
+        assert path.read_bytes().endswith(TORN) and not kept_files(path), \
+            "a fragment still being written (its writer holds the lock) was treated as torn"
+    finally:
+        dying.kill()  # the kill -9 of a worker in the middle of its audit write
+        await asyncio.to_thread(dying.join, 30)
+    await asyncio.wait_for(mine, 30)
+    for p in others:
+        await asyncio.to_thread(p.join, 60)
+        assert p.exitcode == 0, f"writer process {p.pid} failed after the repair"
+    await log.close()
+    assert len(repairs_in(path)) == 1, "exactly one writer must repair"
+    assert [p.read_bytes() for p in kept_files(path)] == [TORN]
+    result = verify(path, [])
+    assert result.ok and result.records == 3 + 1 + 3 + 1, result.reason
+    assert [r["seq"] for r in map(json.loads, lines_of(path))] == list(range(1, 9))
+
+
+async def test_check_at_start_repairs_a_torn_tail_and_refuses_a_mid_file_edit(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = await log_with_records(path, 5)
+    await log.close()
+    with path.open("ab") as f:
+        f.write(TORN)
+    AuditLog(path).check_chain_sync()
+    assert path.read_bytes().endswith(b"\n") and len(kept_files(path)) == 1
+    assert verify(path, []).ok
+
+    lines = lines_of(path)
+    lines[2] = lines[2].replace(b'"success"', b'"failure"')
+    edited = b"".join(lines) + b'{"seq":7,'
+    path.write_bytes(edited)
+    with pytest.raises(AuditError) as refused:
+        AuditLog(path).check_chain_sync()
+    assert ("is broken at record 4 (line 4): prev does not match the SHA-256 of line 3 — a "
+            "record was edited") in str(refused.value), refused.value
+    assert path.read_bytes() == edited and len(kept_files(path)) == 1, \
+        "a log refused at start must be left as it was"
+
+
+def test_repair_records_are_the_writers_own() -> None:
+    with pytest.raises(ValueError, match="audit.repair records are written by AuditLog"):
+        AuditEvent("audit.repair", "success", "someone", {"torn_bytes": 1})
+
+
+async def test_verify_refuses_a_repair_record_with_bad_details(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"seq":1,"ti')
     log = AuditLog(path)
     await log.append(issued(1))
     await log.close()
-    with path.open("ab") as f:
-        f.write(b'{"seq":2,"time":"2026')
-    log = AuditLog(path)
-    with pytest.raises(AuditError, match="ends with an incomplete record"):
-        await log.append(issued(2))
-    await log.close()
+    lines = edit_line(lines_of(path), 0, lambda r: r["details"].update(torn_bytes="12"))
+    path.write_bytes(b"".join(lines))
+    result = verify(path, [])
+    assert not result.ok and result.reason is not None
+    assert result.reason.startswith("record 1 (line 1): audit.repair torn_bytes is not"), result
 
 
 async def test_log_that_shrinks_under_a_writer_stops_it(tmp_path: Path) -> None:
