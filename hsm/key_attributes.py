@@ -47,6 +47,10 @@ REQUIRED_KEY_ATTRIBUTES: Final[tuple[RequiredAttribute, ...]] = (
     RequiredAttribute("CKA_DECRYPT", False, "it decrypts nothing"),
     RequiredAttribute("CKA_UNWRAP", False, "it unwraps nothing"),
     RequiredAttribute("CKA_DERIVE", False, "it derives nothing"),
+    # Without it a PIN holder could C_SetAttributeValue CKA_DERIVE or CKA_DECRYPT to true. Keys
+    # made before it was required have it true: kms check reports them, the server still serves.
+    RequiredAttribute("CKA_MODIFIABLE", False, "its attributes cannot be changed (nobody can "
+                      "turn on decrypt or derive)"),
 )
 
 

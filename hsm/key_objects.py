@@ -58,7 +58,8 @@ def generation_templates(
     """Key type, length, public and private templates for generating a `spec` key pair.
 
     The private key gets every required attribute the token lets a template set: sensitive,
-    never extractable, sign only.
+    never extractable, sign only, not modifiable. The public key is not modifiable either, so
+    nobody can make it an encryption or wrapping key later.
     """
     public_template: dict[Attribute, Any] = {
         Attribute.TOKEN: True,
@@ -66,6 +67,7 @@ def generation_templates(
         Attribute.VERIFY: True,
         Attribute.ENCRYPT: False,
         Attribute.WRAP: False,
+        Attribute.MODIFIABLE: False,
     }
     private_template: dict[Attribute, Any] = {
         _attribute(required.name): required.value

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -64,6 +64,21 @@ class ApiState:
 
 
 STATE = web.AppKey("state", ApiState)
+SERVER_HEADER = "appliance"  # names no product and no version: a scanner learns nothing
+
+
+def hide_server_versions() -> None:
+    """Every response's Server header says SERVER_HEADER, not "Python/3.11 aiohttp/<version>".
+
+    aiohttp adds the header (setdefault) from a constant of aiohttp.web_response when it writes
+    any response's headers, also the 400 it answers to malformed HTTP before any application
+    sees the request, where no on_response_prepare signal runs. So each application factory
+    rebinds that constant for its process; the e2e suite checks every listener and such a 400.
+    """
+    # It is web_response's own name (imported from aiohttp.http), which is what it reads.
+    web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
+
+
 # Request ids need to be unique, not secret: a PRNG seeded once per process spares a getrandom
 # system call on every request.
 _request_ids = random.Random(secrets.randbits(128))  # noqa: S311 - not a secret
@@ -338,6 +353,7 @@ async def crl(request: web.Request) -> web.Response:
 
 def create_insecure_app(state: ApiState) -> web.Application:
     """The plain-HTTP listener (insecureAddress): the CRL and the root, nothing else."""
+    hide_server_versions()
     app = web.Application(client_max_size=1024, middlewares=[edge_middleware])
     app[STATE] = state
     for prefix in ("", "/1.0"):
@@ -349,6 +365,7 @@ def create_insecure_app(state: ApiState) -> web.Application:
 
 def create_app(state: ApiState) -> web.Application:
     """The API application; `state` carries every service the handlers use."""
+    hide_server_versions()
     app = web.Application(client_max_size=state.config.max_body_bytes,
                           middlewares=[edge_middleware])
     app[STATE] = state
@@ -386,6 +403,7 @@ def create_sealed_app(progress: Callable[[], tuple[int, int]]) -> web.Applicatio
         return error_body(503, f"the CA is sealed ({have}/{need} unseal shares handed in): "
                                "custodians must run 'applianctl unlock'")
 
+    hide_server_versions()
     app = web.Application(client_max_size=1024)
     for prefix in ("", "/1.0"):
         app.router.add_get(f"{prefix}/health", sealed_health)

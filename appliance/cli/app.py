@@ -90,7 +90,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 # -- secrets ------------------------------------------------------------------------------------
 def read_secret(path: Path | None, prompt: str, what: str) -> str:
-    """A PIN or password from a file (first line), or from the terminal without echo."""
+    """A PIN or password from a file (first line), or from the terminal without echo.
+
+    Every command that reads one first forbids core dumps of itself (and ptrace by its user).
+    """
+    from appliance.server.hardening import forbid_core_dumps
+
+    forbid_core_dumps()
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")

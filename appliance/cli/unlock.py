@@ -24,8 +24,10 @@ def _socket(ca_config: Path | None, socket_path: Path | None) -> Path:
 def _share_texts(files: tuple[Path, ...], prompts: int) -> list[str]:
     import getpass
 
+    from appliance.server.hardening import forbid_core_dumps
     from appliance.unlock.quorum import read_share_text
 
+    forbid_core_dumps()
     if files:
         return [read_share_text(f.read_text()) for f in files]
     if not sys.stdin.isatty():

@@ -1,12 +1,36 @@
-"""Start-up refusals: secrets files others can read, a CA home others can write."""
+"""Start-up refusals (secrets files others can read, a CA home others can write) and the
+process hardening of every process that holds a PIN (no core dumps, not dumpable)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import resource
 import stat
 from pathlib import Path
 
-from appliance.errors import ConfigError
+from appliance.errors import ApplianceError, ConfigError
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def forbid_core_dumps() -> None:
+    """Keep this process's memory (PINs, shares, the TLS key) out of core files and ptrace.
+
+    RLIMIT_CORE 0, soft and hard (no core file; it cannot be raised again), and
+    PR_SET_DUMPABLE 0: no core even through a core_pattern pipe, and no ptrace attach or read
+    of /proc/PID/mem or environ by other processes of the same user without CAP_SYS_PTRACE.
+    The systemd unit's LimitCORE=0 covers only the service; `make run` and a bare `serve`
+    inherited the shell's limit, and a supervisor's core held the issuer PIN. execve() resets
+    the dumpable flag, so every process calls this itself, before any secret reaches it.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise ApplianceError(f"cannot make the process non-dumpable (prctl "
+                             f"PR_SET_DUMPABLE): {os.strerror(errno)}")
 
 
 def check_secret_file(path: Path, what: str) -> None:

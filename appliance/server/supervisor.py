@@ -40,6 +40,7 @@ from appliance.logs import configure_logging
 from appliance.server.composition import Services, audit_log, check_audit_log, open_services
 from appliance.server.connections import ConnectionLimits
 from appliance.server.dispatch import Listeners
+from appliance.server.hardening import forbid_core_dumps
 from appliance.server.pool import WorkerPool
 from appliance.server.sdnotify import notify, watchdog_interval
 from appliance.server.tls import (
@@ -444,6 +445,7 @@ async def _serve(options: ServeOptions, config: CaConfig, issuer_pin: str | None
 
 def run_server(options: ServeOptions, issuer_pin: str | None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit code."""
+    forbid_core_dumps()  # again for callers other than the CLI; shares arrive later (quorum)
     setproctitle("applianctl: supervisor")
     try:
         config = load_config(options.config_path)

@@ -30,6 +30,7 @@ from appliance.server.app import create_server_app
 from appliance.server.composition import Services, open_services
 from appliance.server.connections import ConnectionLimits
 from appliance.server.dispatch import PLAIN, TLS, HandedOverSite, HandOverChannel
+from appliance.server.hardening import forbid_core_dumps
 from appliance.server.tls import load_chain, server_context
 from hsm.errors import DeviceError, HsmError, TokenNotFound
 
@@ -53,6 +54,7 @@ def run_loop(coro: Any) -> Any:
 def worker_main(index: int, config_path: str, log_format: str, resolver: str | None,
                 control: Conn, channel: socket.socket, cpu: int | None = None) -> None:
     """Entry point of a worker process (spawned, so no PKCS#11 state is inherited)."""
+    forbid_core_dumps()  # exec made the process dumpable again; the PIN arrives below
     # ps, top and systemctl status name it, instead of showing multiprocessing's command line.
     setproctitle(f"applianctl: worker {index}")
     # First, before any thread exists: the threads started later (PKCS#11, database, audit)

@@ -335,6 +335,34 @@ def test_token_key_refuses_to_export_or_decrypt(token_key: TokenKey) -> None:
             key.decrypt(b"\0" * 32, padding.PKCS1v15())
 
 
+@pytest.mark.parametrize("usage", [Attribute.DERIVE, Attribute.DECRYPT, Attribute.UNWRAP])
+def test_a_pin_holder_cannot_turn_on_another_use_of_the_key(
+    keystore: Pkcs11KeyStore, token_key: TokenKey, usage: Attribute
+) -> None:
+    """CKA_MODIFIABLE false: the token refuses C_SetAttributeValue on the generated key pair."""
+
+    def turn_on(session: pkcs11.Session) -> tuple[object, object]:
+        private = session.get_key(
+            object_class=ObjectClass.PRIVATE_KEY, label=token_key.ref.label, id=token_key.ref.id
+        )
+        public = session.get_key(
+            object_class=ObjectClass.PUBLIC_KEY, label=token_key.ref.label, id=token_key.ref.id
+        )
+        modifiable = (private[Attribute.MODIFIABLE], public[Attribute.MODIFIABLE])
+        for obj, attribute in ((private, usage), (public, Attribute.ENCRYPT)):
+            # SoftHSM2 answers CKR_ACTION_PROHIBITED (0x1b, unnamed in python-pkcs11); other
+            # tokens CKR_ATTRIBUTE_READ_ONLY. Any other error would not be a refusal.
+            with pytest.raises(p11.PKCS11Error) as refused:
+                obj[attribute] = True
+            assert isinstance(refused.value, p11.AttributeReadOnly) or "0x1b" in str(
+                refused.value), f"setting {attribute.name}: {refused.value!r}"
+            assert obj[attribute] is False, f"the token let {attribute.name} be turned on"
+        return modifiable
+
+    assert with_raw_session(keystore, turn_on) == (False, False)
+    assert keystore.inspect(token_key.ref).attributes[f"CKA_{usage.name}"] is False
+
+
 def test_check_protected_names_the_failing_attribute(keystore: Pkcs11KeyStore) -> None:
     label = f"weak {secrets.token_hex(4)}"
     key_id = secrets.token_bytes(8)
@@ -367,7 +395,7 @@ def test_inspect_reports_what_the_token_says_of_the_key(
         "CKA_TOKEN": True, "CKA_PRIVATE": True, "CKA_SENSITIVE": True,
         "CKA_ALWAYS_SENSITIVE": True, "CKA_EXTRACTABLE": False, "CKA_NEVER_EXTRACTABLE": True,
         "CKA_LOCAL": True, "CKA_SIGN": True, "CKA_DECRYPT": False, "CKA_UNWRAP": False,
-        "CKA_DERIVE": False}
+        "CKA_DERIVE": False, "CKA_MODIFIABLE": False}
     rsa_key = token_key.spec.kty == "RSA"
     assert report.secret_attribute == ("CKA_PRIVATE_EXPONENT" if rsa_key else "CKA_VALUE")
     assert report.secret_refusal == "CKR_ATTRIBUTE_SENSITIVE"
