@@ -9,8 +9,9 @@ import structlog
 from aiohttp import web
 
 from appliance.acme.auth import replayed
+from appliance.acme.links import index_link
 from appliance.acme.problems import PROBLEM_CONTENT_TYPE, AcmeProblem, from_appliance_error
-from appliance.acme.routes import SERVICE, provisioner_base, use_pending_nonce
+from appliance.acme.routes import SERVICE, use_pending_nonce
 from appliance.acme.service import AcmeService
 from appliance.errors import ApplianceError, TokenReused
 from appliance.web_edge import REQUEST_ERROR
@@ -79,9 +80,13 @@ async def add_acme_headers(service: AcmeService, request: web.Request,
     except ApplianceError:
         pass
     response.headers["Cache-Control"] = "no-store"
-    name = request.match_info.get("provisioner")
-    if name:
-        response.headers.add("Link", f'<{provisioner_base(request, name)}/directory>;rel="index"')
+    # Only a provisioner of ca.json gets an index, its URL built from its own name: the
+    # path's text would carry a requester's CR/LF or quotes into the header (an injected
+    # Set-Cookie or Link parameter, or a response aiohttp refuses to write, dropping the
+    # connection). An unknown provisioner has no directory, as in step-ca.
+    link = index_link(request, service)
+    if link is not None:
+        response.headers.add("Link", link)
 
 
 def edge_answer(service: AcmeService) -> Callable[[web.Request, int, str],

@@ -34,6 +34,10 @@ class NonceIssuer:
         """The nonce's expiry if it is ours and unexpired; None otherwise (not yet 'used')."""
         if not isinstance(nonce, str) or len(nonce) > 64:
             return None
+        # Canonical spelling only, and that is what makes single use hold: the store records a
+        # used nonce by its text, and 40 bytes are 54 characters whose last one carries 4
+        # unused bits, so a lenient decoder would take 16 spellings of one nonce, each usable
+        # once. b64url_decode refuses all but the one whose unused bits are zero.
         try:
             raw = b64url_decode(nonce)
         except ApplianceError:

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance.acme import auth, jws, messages
+from appliance.acme.links import known_provisioner, provisioner_base
 from appliance.acme.messages import (
     AccountUpdate,
     AuthorizationUpdate,
@@ -48,12 +49,13 @@ class Ctx:
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.service = request.app[SERVICE]
-        name = request.match_info["provisioner"]
-        provisioner = self.service.issuing.provisioner_named(name)
+        provisioner = known_provisioner(request, self.service)
         if provisioner is None:
-            raise AcmeProblem.malformed(f"no ACME provisioner named {name!r}", status=404)
+            untrusted_name = request.match_info["provisioner"]
+            raise AcmeProblem.malformed(f"no ACME provisioner named {untrusted_name[:64]!r}",
+                                        status=404)
         self.provisioner: AcmeProvisioner = provisioner
-        self.urls = Urls(provisioner_base(request, name))
+        self.urls = Urls(provisioner_base(request, provisioner))
 
     def nonce(self) -> PendingNonce | None:
         return auth.pending_nonce(self.request)
@@ -61,11 +63,6 @@ class Ctx:
     async def use_nonce(self) -> None:
         """Use up the request's nonce now (before a change the service makes without it)."""
         await use_pending_nonce(self.request, self.service)
-
-
-def provisioner_base(request: web.Request, name: str) -> str:
-    prefix = "/2.0" if request.path.startswith("/2.0/") else ""
-    return f"https://{request.host}{prefix}/acme/{name}"
 
 
 async def use_pending_nonce(request: web.Request, service: AcmeService) -> None:
