@@ -6,6 +6,7 @@ db, authority.provisioners, authority.claims, tls); `rootKey`, `workers` and `pi
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -154,6 +155,19 @@ class AcmeServerConfig(_Model):
     validation_timeout: PositiveDuration = Field(Duration("10s"), alias="validationTimeout")
     max_concurrent_validations: int = Field(16, alias="maxConcurrentValidations", ge=1, le=1024)
     order_lifetime: PositiveDuration = Field(Duration("24h"), alias="orderLifetime")
+    # Address ranges (CIDR) http-01 and tls-alpn-01 may not / may connect to. Denied are the
+    # built-in internal ranges, this host's addresses and these; allowed ranges are exceptions
+    # to all of those (docs/acme.md).
+    validation_deny_ranges: list[str] = Field(default_factory=list, alias="validationDenyRanges")
+    validation_allow_ranges: list[str] = Field(default_factory=list,
+                                               alias="validationAllowRanges")
+
+    @field_validator("validation_deny_ranges", "validation_allow_ranges")
+    @classmethod
+    def _ranges(cls, value: list[str]) -> list[str]:
+        for text in value:
+            ipaddress.ip_network(text, strict=True)  # its ValueError names the entry
+        return value
 
 
 class AuthorityConfig(_Model):

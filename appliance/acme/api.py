@@ -23,6 +23,11 @@ from appliance.acme.challenges import ValidationSettings
 from appliance.acme.issuing import AuthorityIssuing
 from appliance.acme.middleware import acme_middleware, edge_answer
 from appliance.acme.service import AcmeService
+from appliance.acme.validation_addresses import (
+    DEFAULT_DENY_RANGES,
+    AddressPolicy,
+    parse_ranges,
+)
 from appliance.authority.authority import Authority
 from appliance.config import CaConfig
 from appliance.storage.acme_protocol import AcmeStore
@@ -103,7 +108,13 @@ def mount_acme(parent: web.Application, state: AcmeState, max_body: int) -> Acme
 
 
 def validation_settings(config: CaConfig, resolver: str | None) -> ValidationSettings:
+    addresses = AddressPolicy(
+        deny_ranges=DEFAULT_DENY_RANGES + parse_ranges(config.acme.validation_deny_ranges),
+        allow_ranges=parse_ranges(config.acme.validation_allow_ranges),
+        # The CA's own listeners: never a validation target, whatever is allowed.
+        own_ports=frozenset(int(a.rpartition(":")[2])
+                            for a in (config.address, config.insecure_address) if a))
     return ValidationSettings(http_port=config.acme.http_port, tls_port=config.acme.tls_port,
                               resolver=resolver,
                               timeout=config.acme.validation_timeout.value
-                              .total_seconds())
+                              .total_seconds(), addresses=addresses)

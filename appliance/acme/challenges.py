@@ -3,8 +3,13 @@
 IP identifiers (RFC 8738) are validated with http-01 and tls-alpn-01 against the address itself.
 Every validator is bounded by `ValidationSettings.timeout` as a whole and raises nothing but
 `ChallengeFailed`, whose `problem_type` is the short name of an RFC 8555 error type and whose
-`detail` is written for the ACME client: it names what was fetched and what was wrong, never a
-stack trace.
+`detail` is written for the ACME client in the CA's words: which identifier URL or host:port,
+and what failed (a timeout, a refused connection, the wrong key authorization, the class of an
+HTTP status, a redirect it does not follow, an address it may not contact). It never quotes
+what the peer sent (a body, an exact status, a redirect target, certificate contents, TXT
+values) nor the addresses a name resolved to: a requester must not be able to use the CA to
+read or map a network it cannot reach itself. Connections go only to addresses the settings'
+AddressPolicy allows (validation_addresses.py), checked on the address connected to.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from cryptography import x509
 from yarl import URL
 
 from appliance.acme.validation_dns import (
+    AddressRefused,
     ChallengeFailed,
     ProblemType,
     ValidationResolver,
     ValidationSettings,
+    ip_literal,
     parse_resolver_address,
     resolve,
     txt_values,
@@ -42,7 +49,10 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)(?:{_LABEL}\.)*{_LABEL}$")
-_SHOWN = 120  # characters of a peer's answer repeated in a detail
+_SHOWN = 120  # characters of a requester's own input repeated in a detail
+# RFC 8555 §8.3: redirects only to http on port 80 and https on port 443 (or to the ports the
+# CA is configured to validate on, which the tests move off the privileged ones).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 # --- the public validators -------------------------------------------------------------------
@@ -64,8 +74,10 @@ async def validate_http01(identifier_type: str, value: str, token: str, key_auth
     """GET http://VALUE:http_port/.well-known/acme-challenge/TOKEN; the body must be the key
     authorization (trailing whitespace ignored).
 
-    Redirects are followed by hand, at most `settings.max_redirects`, to http and https only;
-    https is not verified, since the point of the challenge is to get a first certificate.
+    Redirects are followed by hand, at most `settings.max_redirects`, to http on port 80 and
+    https on port 443 only (or settings.http_port / tls_port), and every address connected to,
+    first or redirected, must be allowed by `settings.addresses`. https is not verified, since
+    the point of the challenge is to get a first certificate.
     `client` is the process's validation client; without one a client is made for this call.
     """
     host = _identifier_host(identifier_type, value)
@@ -78,8 +90,8 @@ async def validate_http01(identifier_type: str, value: str, token: str, key_auth
         client = HttpValidationClient(settings)
     try:
         async with _bounded(settings, "connection"):
-            body, final_url = await _fetch_following_redirects(url, settings, client.session())
-            _check_http_body(body, key_authorization, final_url)
+            body, where = await _fetch_following_redirects(url, settings, client.session())
+            _check_http_body(body, key_authorization, where)
     finally:
         if own:
             await client.close()
@@ -96,10 +108,10 @@ async def validate_dns01(value: str, key_authorization: str, settings: Validatio
     async with _bounded(settings, "dns"):
         found = await txt_values(qname, settings)
     if expected not in found:
-        shown = ", ".join(repr(_clip(v)) for v in found[:5])
-        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        # The records' values are the resolver's answer: counted, not repeated.
         raise ChallengeFailed("incorrectResponse",
-                              f"no TXT record at {qname} holds {expected!r}; found {shown}{more}")
+                              f"none of the {len(found)} TXT records at {qname} holds "
+                              f"{expected!r}")
 
 
 async def validate_tls_alpn01(identifier_type: str, value: str, key_authorization: str,
@@ -119,11 +131,13 @@ async def validate_tls_alpn01(identifier_type: str, value: str, key_authorizatio
         expected_san = x509.DNSName(host)
     where = _hostport(host, settings.tls_port)
     async with _bounded(settings, "connection"):
-        addresses = await resolve(host, settings)
-        alpn, der = await _tls_alpn_handshake(addresses, settings.tls_port, server_name)
+        addresses, refusal = settings.addresses.allowed(await resolve(host, settings),
+                                                        settings.tls_port)
+        if not addresses:
+            raise _not_contacted(where, refusal)
+        alpn, der = await _tls_alpn_handshake(addresses, settings.tls_port, server_name, where)
         if alpn != ACME_TLS_ALPN:
-            raise ChallengeFailed("tls", f"{where} did not negotiate ALPN {ACME_TLS_ALPN!r} "
-                                         f"(it chose {alpn!r})")
+            raise ChallengeFailed("tls", f"{where} did not negotiate ALPN {ACME_TLS_ALPN!r}")
         if not der:
             raise ChallengeFailed("tls", f"{where} presented no certificate")
         _check_acme_certificate(der, expected_san, key_authorization, where)
@@ -161,6 +175,11 @@ def _identifier_host(identifier_type: str, value: str) -> str:
             raise ChallengeFailed("malformed", f"{_clip(value)!r} is not a DNS name")
         return name
     raise ChallengeFailed("malformed", f"unsupported identifier type {_clip(identifier_type)!r}")
+
+
+def _not_contacted(where: str, reason: str | None) -> ChallengeFailed:
+    refused = AddressRefused(reason or "not allowed")
+    return ChallengeFailed(refused.problem_type, f"{where}: {refused.detail}")
 
 
 def _clip(text: str) -> str:
@@ -226,20 +245,46 @@ class HttpValidationClient:
 
 
 async def _fetch_following_redirects(url: URL, settings: ValidationSettings,
-                                     session: aiohttp.ClientSession) -> tuple[bytes, URL]:
-    """GET URL, following redirects by hand; return the final 200 body and its URL."""
-    for _hop in range(settings.max_redirects + 1):
-        status, location, body = await _get_once(session, url)
+                                     session: aiohttp.ClientSession) -> tuple[bytes, str]:
+    """GET URL, following redirects by hand; the final 200 body, and where it came from in the
+    words of a detail (the identifier's URL and how many redirects on; never the target)."""
+    first = str(url)
+    for hop in range(settings.max_redirects + 1):
+        where = first if hop == 0 else f"{first} (after {hop} redirect{'s' if hop > 1 else ''})"
+        _refuse_address_literal(url, settings, where)
+        status, location, body = await _get_once(session, url, where)
         if status == 200:
-            return body, url
+            return body, where
         if status not in _REDIRECT_STATUSES:
-            raise ChallengeFailed("incorrectResponse", f"{url} answered HTTP {status}")
-        url = _redirect_target(url, location)
+            raise ChallengeFailed("incorrectResponse", f"{where} answered with "
+                                                       f"{_status_class(status)}")
+        url = _redirect_target(url, location, settings, where)
     raise ChallengeFailed("incorrectResponse",
-                          f"more than {settings.max_redirects} redirects, the last to {url}")
+                          f"{first}: more than {settings.max_redirects} redirects")
 
 
-async def _get_once(session: aiohttp.ClientSession, url: URL) -> tuple[int, str | None, bytes]:
+def _refuse_address_literal(url: URL, settings: ValidationSettings, where: str) -> None:
+    # aiohttp asks no resolver for an IP literal, so ValidationResolver cannot check it.
+    literal = ip_literal(url.host or "")
+    if literal is not None and url.port is not None:
+        refusal = settings.addresses.refusal(literal, url.port)
+        if refusal is not None:
+            raise _not_contacted(where, refusal)
+
+
+def _status_class(status: int) -> str:
+    # The class only: an exact status would let a requester probe what answers where.
+    if not 100 <= status <= 599:
+        return "an invalid HTTP status"
+    if status // 100 == 2:
+        return "a 2xx status other than 200"
+    if status // 100 == 3:
+        return "a 3xx status that is not a redirect"
+    return f"a {status // 100}xx status"
+
+
+async def _get_once(session: aiohttp.ClientSession, url: URL, where: str
+                    ) -> tuple[int, str | None, bytes]:
     """One GET without following redirects: (status, Location, body of at most MAX_BODY + 1)."""
     try:
         async with session.get(url, allow_redirects=False) as response:
@@ -252,56 +297,63 @@ async def _get_once(session: aiohttp.ClientSession, url: URL) -> tuple[int, str 
                     break
                 body += chunk
             return 200, None, bytes(body)
+    except AddressRefused as exc:
+        raise _not_contacted(where, exc.reason) from None
     except aiohttp.ClientConnectorError as exc:
         reason = _os_reason(exc.os_error)
         kind: ProblemType = "tls" if isinstance(exc, aiohttp.ClientSSLError) else "connection"
-        raise ChallengeFailed(kind, f"cannot connect to {url}: {reason}") from None
+        raise ChallengeFailed(kind, f"cannot connect to {where}: {reason}") from None
     except aiohttp.ServerDisconnectedError:
-        raise ChallengeFailed("connection", f"{url}: the server closed the connection") from None
-    except aiohttp.ClientResponseError as exc:
-        raise ChallengeFailed("connection", f"{url}: bad HTTP response: {exc.message}") from None
+        raise ChallengeFailed("connection", f"{where}: the server closed the connection") from None
+    except aiohttp.ClientResponseError:
+        # Its message may quote the peer's status line or a header: not repeated.
+        raise ChallengeFailed("connection", f"{where} did not answer valid HTTP") from None
     except aiohttp.ClientPayloadError:
-        raise ChallengeFailed("connection", f"{url}: the response body was cut off") from None
+        raise ChallengeFailed("connection", f"{where}: the response body was cut off") from None
     except aiohttp.InvalidURL:
-        raise ChallengeFailed("incorrectResponse", f"{_clip(str(url))!r} is not a valid URL"
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected to an invalid URL"
                               ) from None
     except aiohttp.ClientError as exc:
-        raise ChallengeFailed("connection", f"{url}: {type(exc).__name__}") from None
+        raise ChallengeFailed("connection", f"{where}: {type(exc).__name__}") from None
     except ssl.SSLError as exc:
-        raise ChallengeFailed("tls", f"{url}: TLS failed: {exc.reason or 'SSLError'}") from None
+        raise ChallengeFailed("tls", f"{where}: TLS failed: {exc.reason or 'SSLError'}") from None
     except OSError as exc:
-        raise ChallengeFailed("connection", f"{url}: {_os_reason(exc)}") from None
+        raise ChallengeFailed("connection", f"{where}: {_os_reason(exc)}") from None
 
 
-def _redirect_target(current: URL, location: str | None) -> URL:
+def _redirect_target(current: URL, location: str | None, settings: ValidationSettings,
+                     where: str) -> URL:
+    """The URL a redirect leads to, if it is one the CA follows; the refusal never quotes it."""
     if not location:
-        raise ChallengeFailed("incorrectResponse", f"{current} redirects without a Location")
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected without a Location")
     try:
         target = current.join(URL(location))
-        host = target.host
+        host, port = target.host, target.port
     except ValueError:
-        raise ChallengeFailed("incorrectResponse", f"{current} redirects to an invalid URL "
-                              f"{_clip(location)!r}") from None
-    if target.scheme not in ("http", "https"):
-        raise ChallengeFailed("incorrectResponse", f"{current} redirects to "
-                              f"{_clip(location)!r}: only http and https redirects are followed")
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected to an invalid URL"
+                              ) from None
+    if target.scheme not in _DEFAULT_PORTS:
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected to another scheme: "
+                              "only http and https redirects are followed")
     if not host:
-        raise ChallengeFailed("incorrectResponse", f"{current} redirects to "
-                              f"{_clip(location)!r}, which names no host")
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected to a URL without a host")
     # Without a port the URL's scheme decides: 80 for http, 443 for https.
+    validation_port = settings.http_port if target.scheme == "http" else settings.tls_port
+    if port not in (_DEFAULT_PORTS[target.scheme], validation_port):
+        raise ChallengeFailed("incorrectResponse", f"{where} redirected to a port the CA does "
+                              "not follow: only http on port 80 and https on port 443")
     return target.with_fragment(None)
 
 
-def _check_http_body(body: bytes, key_authorization: str, url: URL) -> None:
+def _check_http_body(body: bytes, key_authorization: str, where: str) -> None:
     if len(body) > MAX_BODY:
         raise ChallengeFailed("incorrectResponse",
-                              f"{url} answered more than {MAX_BODY // 1024} KiB; "
+                              f"{where} answered more than {MAX_BODY // 1024} KiB; "
                               f"expected the key authorization {key_authorization!r}")
-    got = body.rstrip()
-    if got != key_authorization.encode():
-        shown = _clip(got.decode("utf-8", "replace"))
-        raise ChallengeFailed("incorrectResponse",
-                              f"{url} answered {shown!r}, expected {key_authorization!r}")
+    if body.rstrip() != key_authorization.encode():
+        # What it answered instead is not repeated: it may be any internal page.
+        raise ChallengeFailed("incorrectResponse", f"{where} answered with the wrong key "
+                              f"authorization; expected {key_authorization!r}")
 
 
 # --- tls-alpn-01 -------------------------------------------------------------------------------
@@ -317,13 +369,15 @@ def _acme_tls_client_context() -> ssl.SSLContext:
     return context
 
 
-async def _tls_alpn_handshake(addresses: list[str], port: int, server_name: str
+async def _tls_alpn_handshake(addresses: list[str], port: int, server_name: str, where: str
                               ) -> tuple[str | None, bytes | None]:
-    """Handshake with the first address that answers: (negotiated ALPN, peer certificate DER)."""
+    """Handshake with the first address that answers: (negotiated ALPN, peer certificate DER).
+
+    Failures name WHERE (the identifier and port), not the addresses it resolved to.
+    """
     context = _acme_tls_client_context()
     failures: list[str] = []
     for address in addresses:
-        where = _hostport(address, port)
         try:
             _reader, writer = await asyncio.open_connection(
                 address, port, ssl=context, server_hostname=server_name)
@@ -331,7 +385,7 @@ async def _tls_alpn_handshake(addresses: list[str], port: int, server_name: str
             raise ChallengeFailed("tls", f"TLS handshake with {where} (SNI {server_name}) "
                                          f"failed: {exc.reason or exc.strerror}") from None
         except OSError as exc:
-            failures.append(f"{where}: {_os_reason(exc)}")
+            failures.append(_os_reason(exc))
             continue
         ssl_object = writer.get_extra_info("ssl_object")
         try:
@@ -343,7 +397,8 @@ async def _tls_alpn_handshake(addresses: list[str], port: int, server_name: str
             with suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
-    raise ChallengeFailed("connection", "cannot connect: " + "; ".join(failures))
+    reasons = "; ".join(dict.fromkeys(failures))
+    raise ChallengeFailed("connection", f"cannot connect to {where}: {reasons}")
 
 
 def _check_acme_certificate(der: bytes, expected_san: x509.GeneralName, key_authorization: str,
@@ -359,10 +414,10 @@ def _check_acme_certificate(der: bytes, expected_san: x509.GeneralName, key_auth
         raise ChallengeFailed("incorrectResponse", f"{where} presented a certificate that "
                               f"cannot be parsed ({type(exc).__name__})") from None
     if len(sans) != 1 or not _same_name(sans[0], expected_san):
-        listed = ", ".join(_general_name_text(n) for n in sans[:5]) or "none"
+        # Counted, not listed: the names of a certificate the CA was shown are not repeated.
         raise ChallengeFailed("incorrectResponse",
-                              f"{where} presented a certificate whose subjectAltName is {listed}; "
-                              f"expected exactly one, {shown_expected}")
+                              f"{where} presented a certificate whose subjectAltName is not "
+                              f"exactly one name, {shown_expected} (it holds {len(sans)})")
     try:
         extension = extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
     except x509.ExtensionNotFound:
@@ -377,9 +432,8 @@ def _check_acme_certificate(der: bytes, expected_san: x509.GeneralName, key_auth
     value = extension.value
     got = value.value if isinstance(value, x509.UnrecognizedExtension) else None
     if got != expected_value:
-        got_text = got.hex() if got is not None else type(value).__name__
         raise ChallengeFailed("unauthorized",
-                              f"{where} presented an acmeIdentifier of {_clip(got_text)}, expected "
+                              f"{where} presented the wrong acmeIdentifier; expected "
                               f"{expected_value.hex()} (DER OCTET STRING of SHA-256 of the key "
                               "authorization)")
 

@@ -1,7 +1,10 @@
 """Where challenge validation looks, and how it resolves names (the system or a DNS server).
 
 Every lookup failure is a ChallengeFailed of type "dns" whose detail says what was asked and
-what the answer was, never a server's address or a stack trace.
+how it failed (NXDOMAIN, a timeout, an rcode), never a record's value, a server's address or a
+stack trace. The addresses a name resolves to for a connection are checked against the
+settings' AddressPolicy (validation_addresses.py) here, where they are handed to the
+connection, so what is checked is what is connected to.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import dns.asyncresolver
@@ -22,6 +25,8 @@ import dns.rdatatype
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from appliance.acme.validation_addresses import AddressPolicy
+
 ProblemType = Literal["connection", "dns", "incorrectResponse", "tls", "unauthorized", "malformed"]
 
 
@@ -32,6 +37,14 @@ class ChallengeFailed(Exception):
         super().__init__(f"{problem_type}: {detail}")
         self.problem_type: ProblemType = problem_type
         self.detail = detail
+
+
+class AddressRefused(ChallengeFailed):
+    """No address a host resolved to may be contacted; `reason` says why, in the CA's words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("connection", f"not contacted: the address is {reason}")
+        self.reason = reason
 
 
 def parse_resolver_address(text: str) -> tuple[str, int]:
@@ -74,6 +87,8 @@ class ValidationSettings:
     resolver: str | None = None
     timeout: float = 10.0  # per validation attempt, whole
     max_redirects: int = 10
+    # Which addresses http-01 and tls-alpn-01 may connect to; the default denies internal ones.
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
 
     def __post_init__(self) -> None:
         for name, port in (("http_port", self.http_port), ("tls_port", self.tls_port)):
@@ -87,7 +102,8 @@ class ValidationSettings:
             parse_resolver_address(self.resolver)
 
 
-def _ip_literal(name: str) -> str | None:
+def ip_literal(name: str) -> str | None:
+    """NAME as an IP address in canonical form (brackets allowed), or None."""
     try:
         return str(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
@@ -95,7 +111,7 @@ def _ip_literal(name: str) -> str | None:
 
 
 async def resolve(name: str, settings: ValidationSettings) -> list[str]:
-    literal = _ip_literal(name)
+    literal = ip_literal(name)
     if literal is not None:
         return [literal]
     if settings.resolver is None:
@@ -196,7 +212,11 @@ class ValidationResolver(AbstractResolver):
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results: list[ResolveResult] = []
-        for address in await resolve(host, self._settings):
+        allowed, refusal = self._settings.addresses.allowed(
+            await resolve(host, self._settings), port)
+        if not allowed:
+            raise AddressRefused(refusal or "not allowed")
+        for address in allowed:
             af = socket.AF_INET6 if ":" in address else socket.AF_INET
             if family in (socket.AF_UNSPEC, af):
                 results.append(ResolveResult(hostname=host, host=address, port=port, family=af,

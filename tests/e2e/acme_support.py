@@ -42,6 +42,8 @@ from tests.support.dns_server import LocalDnsServer
 ZONE = "example.test"
 ACME_PROVISIONER = "acme"
 LOCALHOST = "127.0.0.1"
+# The CA denies validating loopback by default; the tests' responders are all on 127.0.0.1.
+TEST_ALLOW_RANGES = ("127.0.0.0/8",)
 
 
 def base_records() -> dict[tuple[str, str], list[str]]:
@@ -123,9 +125,11 @@ class AcmeCa(CaServer):
 
 
 @contextlib.contextmanager
-def running_acme_ca(name: str = "e2e-acme") -> Iterator[AcmeCa]:
-    """A LocalDnsServer (in a thread); `init --acme` in a fresh home; free validation ports in
-    ca.json; `serve --resolver` pointing at the DNS server. Everything is stopped on exit.
+def running_acme_ca(name: str = "e2e-acme", *,
+                    allow_ranges: tuple[str, ...] = TEST_ALLOW_RANGES) -> Iterator[AcmeCa]:
+    """A LocalDnsServer (in a thread); `init --acme` in a fresh home; free validation ports and
+    `acme.validationAllowRanges` ALLOW_RANGES in ca.json; `serve --resolver` pointing at the
+    DNS server. Everything is stopped on exit.
 
     The home is a directory of its own under the system temp dir, not pytest's basetemp:
     pytest keeps only the three newest basetemps, so on a machine where other pytest sessions
@@ -135,12 +139,13 @@ def running_acme_ca(name: str = "e2e-acme") -> Iterator[AcmeCa]:
     base = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     try:
         with LocalDnsServer(base_records()) as dns:
-            yield from _running_acme_ca(base, dns)
+            yield from _running_acme_ca(base, dns, allow_ranges)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _running_acme_ca(base: Path, dns: LocalDnsServer) -> Iterator[AcmeCa]:
+def _running_acme_ca(base: Path, dns: LocalDnsServer, allow_ranges: tuple[str, ...]
+                     ) -> Iterator[AcmeCa]:
     if not Path(SOFTHSM_MODULE).exists():
         pytest.fail("SoftHSM2 is not installed: apt-get install softhsm2", pytrace=False)
     (base / "work").mkdir()
@@ -159,7 +164,8 @@ def _running_acme_ca(base: Path, dns: LocalDnsServer) -> Iterator[AcmeCa]:
     server.init_stdout = server.init("--acme").stdout
     config = json.loads(server.config_path.read_text())
     config["acme"] = {**config.get("acme", {}), "httpPort": server.http_port,
-                      "tlsPort": server.tls_port, "validationTimeout": "5s"}
+                      "tlsPort": server.tls_port, "validationTimeout": "5s",
+                      "validationAllowRanges": list(allow_ranges)}
     server.config_path.write_text(json.dumps(config, indent=2))
     server.start()
     try:

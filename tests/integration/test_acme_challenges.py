@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.query
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance.acme.api import validation_settings
 from appliance.acme.challenges import (
     ChallengeFailed,
     HttpValidationClient,
@@ -37,12 +39,23 @@ from appliance.acme.challenges import (
     validate_http01,
     validate_tls_alpn01,
 )
+from appliance.acme.validation_addresses import AddressPolicy, parse_ranges
+from appliance.config import parse_config
+from appliance.errors import ConfigError
 from tests.support.dns_server import LocalDnsServer
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 KEY_AUTHZ = TOKEN + ".nP1qzpXGymHBrUEepNY9HCsQk7K8KhOypzEt62jcerQ"
 ACME_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 FAST = 2.0  # seconds: every validation here answers at once, or is meant to time out sooner
+# Validation denies loopback by default; these servers all listen there, so it is allowed.
+LOOPBACK_ALLOWED = AddressPolicy(allow_ranges=parse_ranges(["127.0.0.0/8", "::1/128"]))
+
+
+def local_settings(**fields: Any) -> ValidationSettings:
+    """ValidationSettings that may contact 127.0.0.0/8 and ::1 (as ca.json's
+    acme.validationAllowRanges would)."""
+    return ValidationSettings(addresses=LOOPBACK_ALLOWED, **fields)
 
 
 def txt_value(key_authorization: str) -> str:
@@ -128,7 +141,8 @@ class HttpSite:
 
 
 @contextlib.asynccontextmanager
-async def http_site(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None
+async def http_site(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None,
+                    port: int = 0
                     ) -> AsyncIterator[HttpSite]:
     site = HttpSite()
 
@@ -143,7 +157,7 @@ async def http_site(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None 
     app.router.add_route("GET", "/{tail:.*}", dispatch)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    tcp_site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
+    tcp_site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await tcp_site.start()
     site.port = int(runner.addresses[0][1])
     try:
@@ -166,20 +180,21 @@ async def test_http01_accepts_the_key_authorization_with_trailing_whitespace(
         web_site: HttpSite) -> None:
     web_site.text(CHALLENGE, KEY_AUTHZ + "\r\n \n")
     await validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                          ValidationSettings(http_port=web_site.port, timeout=FAST))
+                          local_settings(http_port=web_site.port, timeout=FAST))
     assert web_site.hosts == [f"127.0.0.1:{web_site.port}"]
 
 
-async def test_http01_rejects_a_wrong_body_and_says_what_it_got(web_site: HttpSite) -> None:
+async def test_http01_rejects_a_wrong_body_without_repeating_it(web_site: HttpSite) -> None:
     web_site.text(CHALLENGE, "someone else's key authorization")
-    await expect_failure(
+    failure = await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=FAST)),
-        "incorrectResponse", "someone else's key authorization", KEY_AUTHZ, CHALLENGE)
+                        local_settings(http_port=web_site.port, timeout=FAST)),
+        "incorrectResponse", "wrong key authorization", KEY_AUTHZ, CHALLENGE)
+    assert "someone else" not in failure.detail, failure.detail
 
 
 async def test_http01_rejects_leading_whitespace_and_a_longer_body(web_site: HttpSite) -> None:
-    settings = ValidationSettings(http_port=web_site.port, timeout=FAST)
+    settings = local_settings(http_port=web_site.port, timeout=FAST)
     web_site.text(CHALLENGE, " " + KEY_AUTHZ)
     await expect_failure(validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ, settings),
                          "incorrectResponse")
@@ -188,18 +203,19 @@ async def test_http01_rejects_leading_whitespace_and_a_longer_body(web_site: Htt
                          "incorrectResponse")
 
 
-async def test_http01_reports_a_404(web_site: HttpSite) -> None:
-    await expect_failure(
+async def test_http01_reports_the_class_of_a_404_not_the_status(web_site: HttpSite) -> None:
+    failure = await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=FAST)),
-        "incorrectResponse", "HTTP 404")
+                        local_settings(http_port=web_site.port, timeout=FAST)),
+        "incorrectResponse", "answered with a 4xx status")
+    assert "404" not in failure.detail.replace(str(web_site.port), ""), failure.detail
 
 
 async def test_http01_reads_no_more_than_64_kib(web_site: HttpSite) -> None:
     web_site.text(CHALLENGE, KEY_AUTHZ + " " * (1024 * 1024))
     await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=FAST)),
+                        local_settings(http_port=web_site.port, timeout=FAST)),
         "incorrectResponse", "more than 64 KiB")
 
 
@@ -208,7 +224,7 @@ async def test_http01_follows_relative_and_absolute_http_redirects(web_site: Htt
     web_site.redirect("/moved", web_site.url("/final"), status=307)
     web_site.text("/final", KEY_AUTHZ)
     await validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                          ValidationSettings(http_port=web_site.port, timeout=FAST))
+                          local_settings(http_port=web_site.port, timeout=FAST))
 
 
 async def test_http01_follows_a_redirect_to_https_without_verifying_it(
@@ -217,17 +233,20 @@ async def test_http01_follows_a_redirect_to_https_without_verifying_it(
     async with http_site(ssl_context=context) as tls_site:
         tls_site.text("/over-tls", KEY_AUTHZ)
         web_site.redirect(CHALLENGE, tls_site.url("/over-tls", scheme="https"))
+        # The https port followed is tlsPort (443 in production).
         await validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                              ValidationSettings(http_port=web_site.port, timeout=FAST))
+                              local_settings(http_port=web_site.port, tls_port=tls_site.port,
+                                             timeout=FAST))
         assert tls_site.hosts == [f"127.0.0.1:{tls_site.port}"]
 
 
 async def test_http01_refuses_a_redirect_to_another_scheme(web_site: HttpSite) -> None:
     web_site.redirect(CHALLENGE, "ftp://127.0.0.1/key-authorization")
-    await expect_failure(
+    failure = await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=FAST)),
-        "incorrectResponse", "ftp://127.0.0.1/key-authorization", "only http and https")
+                        local_settings(http_port=web_site.port, timeout=FAST)),
+        "incorrectResponse", "redirected to another scheme", "only http and https")
+    assert "ftp" not in failure.detail and "key-authorization" not in failure.detail
 
 
 def redirect_chain(site: HttpSite, hops: int) -> None:
@@ -239,7 +258,7 @@ def redirect_chain(site: HttpSite, hops: int) -> None:
 
 
 async def test_http01_follows_ten_redirects_and_refuses_eleven(web_site: HttpSite) -> None:
-    settings = ValidationSettings(http_port=web_site.port, timeout=FAST)
+    settings = local_settings(http_port=web_site.port, timeout=FAST)
     redirect_chain(web_site, 10)
     await validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ, settings)
     assert len(web_site.hosts) == 11
@@ -254,15 +273,15 @@ async def test_http01_refuses_a_redirect_loop(web_site: HttpSite) -> None:
     web_site.redirect(CHALLENGE, CHALLENGE)
     await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=FAST,
-                                           max_redirects=3)),
+                        local_settings(http_port=web_site.port, timeout=FAST,
+                                       max_redirects=3)),
         "incorrectResponse", "more than 3 redirects")
 
 
 async def test_http01_reports_a_refused_connection() -> None:
     await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=free_port(), timeout=FAST)),
+                        local_settings(http_port=free_port(), timeout=FAST)),
         "connection", "cannot connect", "refused")
 
 
@@ -277,7 +296,7 @@ async def test_http01_times_out_as_a_whole(web_site: HttpSite) -> None:
     started = loop.time()
     await expect_failure(
         validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
-                        ValidationSettings(http_port=web_site.port, timeout=0.3)),
+                        local_settings(http_port=web_site.port, timeout=0.3)),
         "connection", "timed out")
     assert loop.time() - started < 1.0
 
@@ -287,7 +306,7 @@ async def test_http01_ipv6_identifier_is_bracketed() -> None:
         async with http_site(host="::1") as site:
             site.text(CHALLENGE, KEY_AUTHZ)
             await validate_http01("ip", "::1", TOKEN, KEY_AUTHZ,
-                                  ValidationSettings(http_port=site.port, timeout=FAST))
+                                  local_settings(http_port=site.port, timeout=FAST))
             assert site.hosts == [f"[::1]:{site.port}"]
     except OSError as exc:  # no IPv6 loopback: say so rather than pass silently
         pytest.fail(f"this test needs the IPv6 loopback ::1: {exc}", pytrace=False)
@@ -303,7 +322,7 @@ async def test_http01_ipv6_identifier_is_bracketed() -> None:
 async def test_http01_refuses_malformed_input(identifier_type: str, value: str,
                                               token: str) -> None:
     await expect_failure(validate_http01(identifier_type, value, token, KEY_AUTHZ,
-                                         ValidationSettings(timeout=FAST)), "malformed")
+                                         local_settings(timeout=FAST)), "malformed")
 
 
 # --- name resolution through the local DNS server -----------------------------------------------
@@ -329,8 +348,8 @@ async def dns_server() -> AsyncIterator[LocalDnsServer]:
 async def test_http01_resolves_through_the_configured_resolver_and_sends_the_name(
         web_site: HttpSite, dns_server: LocalDnsServer) -> None:
     web_site.text(CHALLENGE, KEY_AUTHZ)
-    settings = ValidationSettings(http_port=web_site.port, resolver=dns_server.address,
-                                  timeout=FAST)
+    settings = local_settings(http_port=web_site.port, resolver=dns_server.address,
+                              timeout=FAST)
     await validate_http01("dns", "web.x.test", TOKEN, KEY_AUTHZ, settings)
     assert web_site.hosts == [f"web.x.test:{web_site.port}"]
     assert ("web.x.test", "A", "udp") in dns_server.queries
@@ -340,8 +359,8 @@ async def test_http01_follows_a_redirect_to_another_name_through_the_resolver(
         web_site: HttpSite, dns_server: LocalDnsServer) -> None:
     web_site.redirect(CHALLENGE, web_site.url("/final", host="alias.x.test"))
     web_site.text("/final", KEY_AUTHZ)
-    settings = ValidationSettings(http_port=web_site.port, resolver=dns_server.address,
-                                  timeout=FAST)
+    settings = local_settings(http_port=web_site.port, resolver=dns_server.address,
+                              timeout=FAST)
     await validate_http01("dns", "web.x.test", TOKEN, KEY_AUTHZ, settings)
     assert web_site.hosts[-1] == f"alias.x.test:{web_site.port}"
 
@@ -357,8 +376,8 @@ async def test_a_shared_http01_client_connects_and_resolves_anew_for_every_valid
 
     web_site.routes[CHALLENGE] = answer
     dns_server.set("moving.x.test", "A", ["127.0.0.1"])
-    settings = ValidationSettings(http_port=web_site.port, resolver=dns_server.address,
-                                  timeout=FAST)
+    settings = local_settings(http_port=web_site.port, resolver=dns_server.address,
+                              timeout=FAST)
     client = HttpValidationClient(settings)
     try:
         for _ in range(2):
@@ -378,13 +397,13 @@ async def test_a_shared_http01_client_connects_and_resolves_anew_for_every_valid
 
 
 async def test_http01_without_an_address_is_a_dns_problem(dns_server: LocalDnsServer) -> None:
-    settings = ValidationSettings(resolver=dns_server.address, timeout=FAST)
+    settings = local_settings(resolver=dns_server.address, timeout=FAST)
     await expect_failure(validate_http01("dns", "missing.x.test", TOKEN, KEY_AUTHZ, settings),
                          "dns", "no address for missing.x.test")
 
 
 async def test_resolve_addresses_with_the_resolver(dns_server: LocalDnsServer) -> None:
-    settings = ValidationSettings(resolver=dns_server.address, timeout=FAST)
+    settings = local_settings(resolver=dns_server.address, timeout=FAST)
     assert await resolve_addresses("dual.x.test", settings) == ["::1", "127.0.0.1"]
     assert await resolve_addresses("alias.x.test", settings) == ["127.0.0.1"]
     assert await resolve_addresses("192.0.2.7", settings) == ["192.0.2.7"]
@@ -396,14 +415,14 @@ async def test_resolve_addresses_with_the_resolver(dns_server: LocalDnsServer) -
 
 
 async def test_resolve_addresses_with_the_system_resolver_reads_etc_hosts() -> None:
-    assert "127.0.0.1" in await resolve_addresses("localhost", ValidationSettings(timeout=FAST))
+    assert "127.0.0.1" in await resolve_addresses("localhost", local_settings(timeout=FAST))
 
 
 async def test_a_silent_resolver_times_out_as_a_dns_problem() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
-        settings = ValidationSettings(resolver=f"127.0.0.1:{port}", timeout=0.3)
+        settings = local_settings(resolver=f"127.0.0.1:{port}", timeout=0.3)
         await expect_failure(resolve_addresses("x.test", settings), "dns", "timed out")
 
 
@@ -413,9 +432,9 @@ def test_settings_refuse_a_resolver_that_is_not_an_ip_and_port() -> None:
     assert parse_resolver_address("10.0.0.1") == ("10.0.0.1", 53)
     for bad in ("dns.example:53", "127.0.0.1:0", "127.0.0.1:x", "[::1", "::1:53:"):
         with pytest.raises(ValueError, match="resolver"):
-            ValidationSettings(resolver=bad)
+            local_settings(resolver=bad)
     with pytest.raises(ValueError, match="timeout"):
-        ValidationSettings(timeout=0)
+        local_settings(timeout=0)
 
 
 # --- dns-01 ----------------------------------------------------------------------------------
@@ -423,29 +442,30 @@ def test_settings_refuse_a_resolver_that_is_not_an_ip_and_port() -> None:
 
 async def test_dns01_finds_the_digest_among_txt_records(dns_server: LocalDnsServer) -> None:
     await validate_dns01("x.test", KEY_AUTHZ,
-                         ValidationSettings(resolver=dns_server.address, timeout=FAST))
+                         local_settings(resolver=dns_server.address, timeout=FAST))
     assert ("_acme-challenge.x.test", "TXT", "udp") in dns_server.queries
 
 
 async def test_dns01_rejects_a_wrong_value(dns_server: LocalDnsServer) -> None:
-    await expect_failure(
+    failure = await expect_failure(
         validate_dns01("wrong.x.test", KEY_AUTHZ,
-                       ValidationSettings(resolver=dns_server.address, timeout=FAST)),
-        "incorrectResponse", "_acme-challenge.wrong.x.test", txt_value(KEY_AUTHZ),
-        txt_value("another.authorization"))
+                       local_settings(resolver=dns_server.address, timeout=FAST)),
+        "incorrectResponse", "_acme-challenge.wrong.x.test", txt_value(KEY_AUTHZ))
+    # What the resolver answered is not repeated to the client.
+    assert txt_value("another.authorization") not in failure.detail, failure.detail
 
 
 async def test_dns01_nxdomain_is_a_dns_problem(dns_server: LocalDnsServer) -> None:
     await expect_failure(
         validate_dns01("absent.x.test", KEY_AUTHZ,
-                       ValidationSettings(resolver=dns_server.address, timeout=FAST)),
+                       local_settings(resolver=dns_server.address, timeout=FAST)),
         "dns", "_acme-challenge.absent.x.test", "NXDOMAIN")
 
 
 async def test_dns01_without_txt_records_says_so(dns_server: LocalDnsServer) -> None:
     await expect_failure(
         validate_dns01("notxt.x.test", KEY_AUTHZ,
-                       ValidationSettings(resolver=dns_server.address, timeout=FAST)),
+                       local_settings(resolver=dns_server.address, timeout=FAST)),
         "incorrectResponse", "no TXT record at _acme-challenge.notxt.x.test")
 
 
@@ -453,7 +473,7 @@ async def test_dns01_falls_back_to_tcp_for_a_large_answer(dns_server: LocalDnsSe
     filler = [f"{n:02d}-" + "f" * 60 for n in range(30)]  # ~2 KB: beyond a UDP answer
     dns_server.set("_acme-challenge.big.x.test", "TXT", [*filler, txt_value(KEY_AUTHZ)])
     await validate_dns01("big.x.test", KEY_AUTHZ,
-                         ValidationSettings(resolver=dns_server.address, timeout=FAST))
+                         local_settings(resolver=dns_server.address, timeout=FAST))
     asked = [q for q in dns_server.queries if q[0] == "_acme-challenge.big.x.test"]
     assert [q[2] for q in asked] == ["udp", "tcp"], asked
 
@@ -466,7 +486,7 @@ async def test_dns01_sees_records_published_by_rfc2136_update(
     update.add("_acme-challenge.new.test.", 60, "TXT", f'"{txt_value(KEY_AUTHZ)}"')
     response = await asyncio.to_thread(dns.query.tcp, update, host, port=port, timeout=FAST)
     assert response.rcode() == 0
-    settings = ValidationSettings(resolver=dns_server.address, timeout=FAST)
+    settings = local_settings(resolver=dns_server.address, timeout=FAST)
     await validate_dns01("new.test", KEY_AUTHZ, settings)
 
     update = dns.update.UpdateMessage("new.test.")
@@ -531,7 +551,7 @@ async def test_tls_alpn01_accepts_a_correct_certificate(tmp_path: Path,
     context = self_signed(tmp_path, [x509.DNSName("web.x.test")],
                           acme_value=acme_extension_value(KEY_AUTHZ))
     async with tls_server(context) as server:
-        await validate_tls_alpn01("dns", "web.x.test", KEY_AUTHZ, ValidationSettings(
+        await validate_tls_alpn01("dns", "web.x.test", KEY_AUTHZ, local_settings(
             tls_port=server.port, resolver=dns_server.address, timeout=FAST))
         assert server.server_names == ["web.x.test"]
 
@@ -543,8 +563,8 @@ async def test_dual_stack_names_fall_back_to_ipv4(tmp_path: Path, web_site: Http
     context = self_signed(tmp_path, [x509.DNSName("dual.x.test")],
                           acme_value=acme_extension_value(KEY_AUTHZ))
     async with tls_server(context) as server:
-        settings = ValidationSettings(http_port=web_site.port, tls_port=server.port,
-                                      resolver=dns_server.address, timeout=FAST)
+        settings = local_settings(http_port=web_site.port, tls_port=server.port,
+                                  resolver=dns_server.address, timeout=FAST)
         await validate_http01("dns", "dual.x.test", TOKEN, KEY_AUTHZ, settings)
         await validate_tls_alpn01("dns", "dual.x.test", KEY_AUTHZ, settings)
 
@@ -553,10 +573,11 @@ async def test_tls_alpn01_checks_the_dns_name(tmp_path: Path, dns_server: LocalD
     context = self_signed(tmp_path, [x509.DNSName("x.test")],
                           acme_value=acme_extension_value(KEY_AUTHZ))
     async with tls_server(context) as server:
-        await expect_failure(validate_tls_alpn01("dns", "web.x.test", KEY_AUTHZ, ValidationSettings(
-            tls_port=server.port, resolver=dns_server.address, timeout=FAST)),
-            "incorrectResponse", "subjectAltName is DNS:x.test; expected exactly one, "
-                                 "DNS:web.x.test")
+        failure = await expect_failure(validate_tls_alpn01(
+            "dns", "web.x.test", KEY_AUTHZ, local_settings(
+                tls_port=server.port, resolver=dns_server.address, timeout=FAST)),
+            "incorrectResponse", "subjectAltName is not exactly one name, DNS:web.x.test")
+        assert "DNS:x.test" not in failure.detail, "the certificate's names are not repeated"
 
 
 async def test_tls_alpn01_for_an_ip_sends_the_reverse_name(tmp_path: Path) -> None:
@@ -564,7 +585,7 @@ async def test_tls_alpn01_for_an_ip_sends_the_reverse_name(tmp_path: Path) -> No
                           acme_value=acme_extension_value(KEY_AUTHZ))
     async with tls_server(context) as server:
         await validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                                  ValidationSettings(tls_port=server.port, timeout=FAST))
+                                  local_settings(tls_port=server.port, timeout=FAST))
         assert server.server_names == ["1.0.0.127.in-addr.arpa"]
 
 
@@ -587,14 +608,14 @@ BAD_CERTIFICATES = {
                                              "incorrectResponse", "not critical"),
     "wrong SAN": BadCertificate([x509.IPAddress(ipaddress.ip_address("127.0.0.2"))],
                                 acme_extension_value(KEY_AUTHZ), True, "incorrectResponse",
-                                "subjectAltName is IP:127.0.0.2"),
+                                "not exactly one name, IP:127.0.0.1"),
     "two SANs": BadCertificate([LOCAL, x509.DNSName("x.test")], acme_extension_value(KEY_AUTHZ),
-                               True, "incorrectResponse", "expected exactly one, IP:127.0.0.1"),
+                               True, "incorrectResponse", "IP:127.0.0.1 (it holds 2)"),
     "no SAN": BadCertificate([], acme_extension_value(KEY_AUTHZ), True, "incorrectResponse",
                              "without subjectAltName"),
     "DNS SAN for an IP": BadCertificate([x509.DNSName("127.0.0.1")],
                                         acme_extension_value(KEY_AUTHZ), True,
-                                        "incorrectResponse", "DNS:127.0.0.1"),
+                                        "incorrectResponse", "IP:127.0.0.1 (it holds 1)"),
 }
 
 
@@ -602,10 +623,13 @@ BAD_CERTIFICATES = {
 async def test_tls_alpn01_rejects_a_bad_certificate(tmp_path: Path, case: BadCertificate) -> None:
     context = self_signed(tmp_path, case.sans, acme_value=case.acme_value, critical=case.critical)
     async with tls_server(context) as server:
-        await expect_failure(
+        failure = await expect_failure(
             validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                                ValidationSettings(tls_port=server.port, timeout=FAST)),
+                                local_settings(tls_port=server.port, timeout=FAST)),
             case.problem_type, case.detail)
+    # What the certificate holds is not repeated: other names, another digest.
+    for shown in ("127.0.0.2", "x.test", acme_extension_value("another.authorization").hex()):
+        assert shown not in failure.detail, failure.detail
 
 
 async def test_tls_alpn01_requires_the_acme_alpn_protocol(tmp_path: Path) -> None:
@@ -613,14 +637,14 @@ async def test_tls_alpn01_requires_the_acme_alpn_protocol(tmp_path: Path) -> Non
     async with tls_server(context, alpn=False) as server:
         await expect_failure(
             validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                                ValidationSettings(tls_port=server.port, timeout=FAST)),
+                                local_settings(tls_port=server.port, timeout=FAST)),
             "tls", "did not negotiate ALPN 'acme-tls/1'")
 
 
 async def test_tls_alpn01_reports_a_refused_connection() -> None:
     await expect_failure(
         validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                            ValidationSettings(tls_port=free_port(), timeout=FAST)),
+                            local_settings(tls_port=free_port(), timeout=FAST)),
         "connection", "refused")
 
 
@@ -635,7 +659,7 @@ async def test_tls_alpn01_reports_a_server_that_does_not_speak_tls() -> None:
         port = server.sockets[0].getsockname()[1]
         await expect_failure(
             validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                                ValidationSettings(tls_port=port, timeout=FAST)),
+                                local_settings(tls_port=port, timeout=FAST)),
             "tls", "TLS handshake with 127.0.0.1")
     finally:
         server.close()
@@ -657,12 +681,156 @@ async def test_tls_alpn01_times_out_on_a_silent_server() -> None:
         port = server.sockets[0].getsockname()[1]
         await expect_failure(
             validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
-                                ValidationSettings(tls_port=port, timeout=0.3)),
+                                local_settings(tls_port=port, timeout=0.3)),
             "connection", "timed out")
     finally:
         release.set()
         server.close()
         await server.wait_closed()
+
+
+# --- which addresses validation may contact (validation_addresses.AddressPolicy) -------------
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+    "100.64.0.1", "169.254.169.254", "0.0.0.0",  # noqa: S104 - refused, not bound
+    "224.0.0.1", "255.255.255.255", "::",
+    "::1", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "::ffff:10.0.0.1",
+    "::ffff:127.0.0.1",
+])
+def test_the_default_policy_denies_internal_addresses(address: str) -> None:
+    assert AddressPolicy().refusal(address, 80) is not None, f"{address} was allowed"
+
+
+def test_allow_ranges_are_exceptions_and_own_ports_stay_refused() -> None:
+    policy = AddressPolicy(deny_ranges=parse_ranges(["10.0.0.0/8", "127.0.0.0/8"]),
+                           allow_ranges=parse_ranges(["10.1.0.0/16", "127.0.0.1/32"]),
+                           own_ports=frozenset({9000}))
+    assert policy.refusal("10.1.2.3", 80) is None
+    assert policy.refusal("10.2.0.1", 80) is not None
+    assert policy.refusal("127.0.0.1", 80) is None
+    assert policy.refusal("127.0.0.1", 9000) == "the CA itself"
+    assert policy.refusal("127.0.0.2", 80) is not None
+    assert policy.allowed(["10.2.0.1", "10.1.0.1"], 80)[0] == ["10.1.0.1"]
+    with pytest.raises(ValueError, match="10.0.0.1/8"):
+        parse_ranges(["10.0.0.1/8"])
+
+
+def test_ca_json_ranges_reach_the_validation_settings() -> None:
+    doc = {"root": "r.crt", "crt": "i.crt", "key": "pkcs11:token=i;object=k",
+           "kms": {"uri": "pkcs11:token=i"}, "address": "127.0.0.1:9443",
+           "insecureAddress": "127.0.0.1:9080", "dnsNames": ["ca.test"],
+           "db": {"type": "sqlite", "dataSource": "db/a.db"},
+           "acme": {"validationAllowRanges": ["127.0.0.0/8"],
+                    "validationDenyRanges": ["198.51.100.0/24"]}}
+    policy = validation_settings(parse_config(doc), None).addresses
+    assert policy.refusal("127.0.0.1", 80) is None
+    assert policy.refusal("127.0.0.1", 9443) == policy.refusal("127.0.0.1", 9080) == "the CA itself"
+    assert policy.refusal("198.51.100.7", 80) is not None
+    assert policy.refusal("10.0.0.1", 80) is not None, "the built-in ranges stay denied"
+    assert validation_settings(parse_config({**doc, "acme": {}}), None).addresses.refusal(
+        "127.0.0.1", 80) is not None, "without an allow list loopback is denied"
+    with pytest.raises(ConfigError, match="validationAllowRanges"):
+        parse_config({**doc, "acme": {"validationAllowRanges": ["127.0.0.1/8"]}})
+
+
+async def test_http01_by_default_refuses_loopback_without_connecting(web_site: HttpSite) -> None:
+    web_site.text(CHALLENGE, KEY_AUTHZ)
+    await expect_failure(
+        validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
+                        ValidationSettings(http_port=web_site.port, timeout=FAST)),
+        "connection", "not contacted")
+    assert web_site.hosts == [], "the CA connected to a denied address"
+
+
+async def test_http01_refuses_a_name_that_resolves_to_a_denied_address(
+        web_site: HttpSite, dns_server: LocalDnsServer) -> None:
+    web_site.text(CHALLENGE, KEY_AUTHZ)
+    failure = await expect_failure(
+        validate_http01("dns", "web.x.test", TOKEN, KEY_AUTHZ, ValidationSettings(
+            http_port=web_site.port, resolver=dns_server.address, timeout=FAST)),
+        "connection", "not contacted")
+    assert web_site.hosts == []
+    assert "127.0.0.1" not in failure.detail, "the resolved address is the CA's own DNS answer"
+
+
+async def test_http01_checks_the_address_a_redirect_target_resolves_to(
+        web_site: HttpSite, dns_server: LocalDnsServer) -> None:
+    """Only 127.0.0.1 is allowed; the redirect names a host the resolver maps to 127.0.0.2,
+    where a second server on the same port would answer correctly."""
+    async with http_site(host="127.0.0.2", port=web_site.port) as other:
+        other.text("/final", KEY_AUTHZ)
+        dns_server.set("inside.x.test", "A", ["127.0.0.2"])
+        web_site.redirect(CHALLENGE, web_site.url("/final", host="inside.x.test"))
+        only_one = AddressPolicy(allow_ranges=parse_ranges(["127.0.0.1/32"]))
+        failure = await expect_failure(
+            validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ, ValidationSettings(
+                http_port=web_site.port, resolver=dns_server.address, timeout=FAST,
+                addresses=only_one)),
+            "connection", "after 1 redirect", "not contacted")
+        assert other.hosts == [], "the CA connected to the denied redirect target"
+        assert "inside.x.test" not in failure.detail and "127.0.0.2" not in failure.detail
+
+
+@pytest.mark.parametrize(("target", "problem_type", "detail"), [
+    ("http://[::ffff:127.0.0.2]:{port}/final", "connection", "not contacted"),
+    ("http://127.0.0.2:{port}/final", "connection", "not contacted"),
+    # 127.0.0.2 in decimal: aiohttp takes only the canonical form of an address.
+    ("http://2130706434:{port}/final", "incorrectResponse", "invalid URL"),
+])
+async def test_http01_checks_a_redirect_to_an_address_literal(
+        web_site: HttpSite, target: str, problem_type: str, detail: str) -> None:
+    async with http_site(host="127.0.0.2", port=web_site.port) as other:
+        other.text("/final", KEY_AUTHZ)
+        web_site.redirect(CHALLENGE, target.format(port=web_site.port))
+        only_one = AddressPolicy(allow_ranges=parse_ranges(["127.0.0.1/32"]))
+        await expect_failure(
+            validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ, ValidationSettings(
+                http_port=web_site.port, timeout=FAST, addresses=only_one)),
+            problem_type, "after 1 redirect", detail)
+        assert other.hosts == [], "the CA connected to the denied redirect target"
+
+
+async def test_http01_refuses_a_redirect_to_another_port_without_naming_it(
+        web_site: HttpSite) -> None:
+    async with http_site() as other:
+        other.text("/secret", "db_password=hunter2")
+        web_site.redirect(CHALLENGE, other.url("/secret"))
+        failure = await expect_failure(
+            validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ,
+                            local_settings(http_port=web_site.port, timeout=FAST)),
+            "incorrectResponse", "redirected to a port the CA does not follow")
+        assert other.hosts == []
+        assert str(other.port) not in failure.detail and "secret" not in failure.detail
+
+
+async def test_http01_never_fetches_the_cas_own_listener(web_site: HttpSite,
+                                                         tmp_path: Path) -> None:
+    """Even with loopback allowed and the port a validation port, the CA's own ports stay out."""
+    context = self_signed(tmp_path, [x509.DNSName("ca.test")])
+    async with http_site(ssl_context=context) as own_api:
+        own_api.text("/1.0/provisioners", "INTERNAL provisioner list")
+        web_site.redirect(CHALLENGE, own_api.url("/1.0/provisioners", scheme="https"))
+        loopback_but_not_self = AddressPolicy(allow_ranges=LOOPBACK_ALLOWED.allow_ranges,
+                                              own_ports=frozenset({own_api.port}))
+        failure = await expect_failure(
+            validate_http01("ip", "127.0.0.1", TOKEN, KEY_AUTHZ, ValidationSettings(
+                http_port=web_site.port, tls_port=own_api.port, timeout=FAST,
+                addresses=loopback_but_not_self)),
+            "connection", "the CA itself")
+        assert own_api.hosts == []
+        assert "INTERNAL" not in failure.detail
+
+
+async def test_tls_alpn01_by_default_refuses_loopback_without_connecting(tmp_path: Path) -> None:
+    context = self_signed(tmp_path, [LOCAL], acme_value=acme_extension_value(KEY_AUTHZ))
+    async with tls_server(context) as server:
+        await expect_failure(
+            validate_tls_alpn01("ip", "127.0.0.1", KEY_AUTHZ,
+                                ValidationSettings(tls_port=server.port, timeout=FAST)),
+            "connection", "not contacted")
+        assert server.server_names == [], "the CA made a TLS handshake with a denied address"
 
 
 @pytest.fixture(autouse=True)
