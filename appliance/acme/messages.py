@@ -19,7 +19,7 @@ from cryptography import x509
 
 from appliance.acme.problems import AcmeProblem
 from appliance.errors import ApplianceError
-from appliance.issuance.names import normalise_dns
+from appliance.issuance.names import normalise_dns, reads_as_ipv4, shown
 from appliance.jose.base64url import b64url_decode
 from appliance.storage.acme_protocol import (
     AccountStatus,
@@ -85,11 +85,16 @@ def parse_identifier(untrusted: object) -> Identifier:
         raise AcmeProblem.malformed("each identifier needs a type and a value")
     kind, value = untrusted.get("type"), untrusted["value"]
     if kind == IdentifierType.DNS:
+        if reads_as_ipv4(value):
+            # RFC 8738: an address is an "ip" identifier; as a dns one it would dodge IP policy
+            # and be validated by resolving a name that every resolver reads as an address.
+            raise AcmeProblem.rejected_identifier(
+                f"dns identifier {shown(value)} is an IPv4 address, not a DNS name; "
+                "order it as an ip identifier (RFC 8738)")
         try:
             value = normalise_dns(value)
-        except ApplianceError:
-            raise AcmeProblem.rejected_identifier(f"{value[:100]!r} is not a valid DNS name"
-                                                  ) from None
+        except ApplianceError as e:
+            raise AcmeProblem.rejected_identifier(f"dns identifier: {e.message}") from None
         if "*" in value[1:] or (value.startswith("*") and not value.startswith("*.")):
             raise AcmeProblem.rejected_identifier(f"{value!r}: a wildcard may only be the "
                                                   "whole first label")
@@ -98,7 +103,7 @@ def parse_identifier(untrusted: object) -> Identifier:
         try:
             return Identifier(IdentifierType.IP, str(ipaddress.ip_address(value)))
         except ValueError:
-            raise AcmeProblem.rejected_identifier(f"{value[:100]!r} is not an IP address"
+            raise AcmeProblem.rejected_identifier(f"{shown(value)} is not an IP address"
                                                   ) from None
     raise AcmeProblem.unsupported_identifier(f"identifier type {str(kind)[:20]!r} is not "
                                              "supported (dns, ip)")
@@ -251,6 +256,18 @@ class Finalize:
             return cls(x509.load_der_x509_csr(der))
         except ValueError:
             raise AcmeProblem.bad_csr("csr is not a DER certificate request") from None
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """keyChange (§7.3.5): the payload is the inner JWS, a flattened JWS JSON object signed by
+    the new key; appliance.acme.jws.verify_key_change checks it."""
+
+    untrusted_inner_jws: Mapping[str, object]
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, object]) -> KeyChange:
+        return cls(payload)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ fresh Replay-Nonce and Link rel="index"; every error is an RFC 8555 problem docu
 from __future__ import annotations
 
 import functools
-import json
 import ssl
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from appliance.acme.messages import (
     AuthorizationUpdate,
     CertId,
     Finalize,
+    KeyChange,
     NewAccount,
     NewOrder,
     RevokeCert,
@@ -142,8 +142,7 @@ async def key_change(request: web.Request) -> web.Response:
     signed = await auth.by_account_only(request, ctx.service, ctx.urls, ctx.provisioner)
     await ctx.use_nonce()
     account_url = ctx.urls.account(signed.account.id)
-    payload = signed.message.payload
-    inner = json.loads(payload) if payload else None
+    inner = KeyChange.from_json(signed.message.payload_json()).untrusted_inner_jws
     new_jwk = jws.verify_key_change(inner, signed.message, account_url, signed.account.jwk)
     changed = await ctx.service.change_key(signed.account, new_jwk)
     if isinstance(changed, KeyInUse):

@@ -46,7 +46,7 @@ from appliance.issuance.issuer import (
     IssuedCertificate,
     Issuer,
 )
-from appliance.issuance.names import san_to_text
+from appliance.issuance.names import check_san, san_to_text
 from appliance.issuance.templates import CertificateDescription, X509Template
 from appliance.jose import jws as jose_jws
 from appliance.jose.jws import CompactJws
@@ -234,13 +234,16 @@ class Authority:
 
     def _check_names(self, provisioner: Provisioner, subject: x509.Name,
                      sans: tuple[x509.GeneralName, ...]) -> None:
-        """The names must be text, and pass the authority's policy and the provisioner's."""
+        """The names must be text, well-formed (names.check_san: no DNS name that reads as an
+        address, no space or control character), and pass both policies."""
         try:
             subject.rfc4514_string().encode("utf-8")
             for name in sans:
                 san_to_text(name).encode("utf-8")
         except UnicodeEncodeError:
             raise BadRequest("names must be valid Unicode text") from None
+        for name in sans:  # whatever made them: token, order, template, a renewal's copy
+            check_san(name)
         cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = str(cns[0].value) if cns else None
         if provisioner.under_authority_policy:

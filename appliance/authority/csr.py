@@ -5,7 +5,8 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from appliance.errors import BadCsr
+from appliance.errors import ApplianceError, BadCsr
+from appliance.issuance.names import check_san
 
 MAX_CSR_BYTES = 16384
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -34,7 +35,34 @@ def check_csr(csr: x509.CertificateSigningRequest) -> x509.CertificateSigningReq
     if not valid:
         raise BadCsr("csr signature is invalid")
     check_public_key(csr.public_key())
+    check_csr_names(csr)
     return csr
+
+
+def check_csr_names(csr: x509.CertificateSigningRequest) -> None:
+    """The subject and the extensions decode, with at most one subjectAltName; BadCsr if not.
+
+    cryptography parses these lazily, on first use, so a CSR with two subjectAltName extensions
+    or an undecodable one loads and verifies, and then raises wherever its names are first read:
+    here, once, with a message instead.
+    """
+    try:
+        csr.subject.rfc4514_string()
+    except ValueError:
+        raise BadCsr("csr subject cannot be decoded") from None
+    try:
+        extensions = csr.extensions
+    except x509.DuplicateExtension as e:
+        raise BadCsr(f"csr has the extension {e.oid.dotted_string} more than once") from None
+    except ValueError:
+        raise BadCsr("csr has an extension that cannot be decoded") from None
+    for extension in extensions:
+        if isinstance(extension.value, x509.SubjectAlternativeName):
+            for name in extension.value:
+                try:
+                    check_san(name)
+                except ApplianceError as e:
+                    raise BadCsr(f"csr subjectAltName: {e.message}") from None
 
 
 def check_public_key(key: object) -> None:

@@ -8,7 +8,10 @@ Rules (docs/policy.md has examples):
 - deny wins over allow; a policy with no entries restricts nothing;
 - when `allow` has any entry, every name needs an allow entry of its own type;
 - names that cannot be read as their type are refused whenever the policy has rules, so a
-  malformed name never slips past a deny rule;
+  malformed name never slips past a deny rule; a DNS name (or e-mail domain) that reads as an
+  IPv4 address ('127.1', '0x7f.0.0.1') is such a name, read as issuance.names reads it;
+- IP rules apply to every form of an address: a common name '2130706433' is 127.0.0.1, a URI
+  host '127.1' is an IP host;
 - the common name is checked against `cn` rules and also as the DNS name, IP address, email
   address or URI it reads as (step-ca's validateCommonName).
 """
@@ -36,11 +39,11 @@ from appliance.config_policy import (
     parse_ip_entry,
 )
 from appliance.errors import ConfigError, PolicyViolation
-from appliance.issuance.names import san_to_text
+from appliance.issuance.names import ipv4_of_name, reads_as_ipv4, san_to_text
+from appliance.issuance.names import shown as _shown
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_MAX_SHOWN = 128
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 # RFC 3986 authority characters; anything else (a backslash, a space) is read differently by
 # different URI parsers, so such a URI is refused rather than guessed at.
@@ -91,9 +94,14 @@ def _read_dns(value: str) -> _Dns | None:
     name = value.lower()
     if name.endswith("."):
         name = name[:-1]
-    if not is_domain(name.removeprefix("*.")):
+    if not _is_dns_name(name.removeprefix("*.")):
         return None
     return _Dns(name)
+
+
+def _is_dns_name(name: str) -> bool:
+    """A domain that is not an IPv4 address in disguise (issuance.names.reads_as_ipv4)."""
+    return is_domain(name) and not reads_as_ipv4(name)
 
 
 def _read_email(value: str) -> _Email | None:
@@ -101,7 +109,7 @@ def _read_email(value: str) -> _Email | None:
         return None
     local, at, domain = value.rpartition("@")
     if not at or not local or "@" in local or _CONTROL.search(local) \
-            or any(c.isspace() for c in local) or not is_domain(domain.lower()):
+            or any(c.isspace() for c in local) or not _is_dns_name(domain.lower()):
         return None
     return _Email(local, domain.lower())
 
@@ -139,6 +147,8 @@ def _read_uri(value: str) -> _Uri | None:
     except ValueError:
         pass
     name = host.lower().removesuffix(".")
+    if reads_as_ipv4(name):  # URL parsers read 'https://127.1/' as https://127.0.0.1/
+        return _Uri(None, "its host is an IP address") if ipv4_of_name(name) else None
     return _Uri(name) if is_domain(name) else None
 
 
@@ -175,6 +185,11 @@ def _read_common_name(value: str) -> _Name | None:
         return _Ip(ipaddress.ip_address(value))
     except ValueError:
         pass
+    if value.isascii() and reads_as_ipv4(value):
+        # '127.1' names 127.0.0.1 to a client that reads the common name as a host: IP rules
+        # judge it; one that is no address at all ('999.1') is no name of any type.
+        address = ipv4_of_name(value)
+        return _Ip(address) if address is not None else None
     if "://" in value or value.startswith("urn:"):
         return _read_uri(value)
     if "@" in value:
@@ -186,13 +201,6 @@ def _ip_text(address: IPAddress) -> str:
     """An address as written: '::ffff:10.0.0.1' rather than Python's '::ffff:a00:1'."""
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return f"::ffff:{mapped}" if mapped is not None else str(address)
-
-
-def _shown(value: str) -> str:
-    """A requester's name, quoted for a message: control characters escaped, length capped."""
-    if len(value) > _MAX_SHOWN:
-        value = value[:_MAX_SHOWN] + "..."
-    return repr(value)
 
 
 # Compiled rules.

@@ -785,3 +785,65 @@ async def test_accounts_orders_and_nonces_survive_a_restart(
         assert sorted(listed) == sorted([pending_url, issued.order_url])
         # Single use holds across the restart too.
         assert_problem(await after.as_account(account, account.kid, nonce=nonce), "badNonce")
+
+
+# -- names and malformed payloads (issue 12) ------------------------------------------------------
+async def replay_is_refused(acme: AcmeClient, url: str, body: bytes) -> None:
+    """The same request again: its nonce was used by the refusal, so it cannot be replayed."""
+    assert_problem(await acme.post_body(url, body), "badNonce", 400)
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1", "127.1", "2130706433", "0x7f.0.0.1", "10.1",
+                                  "0177.0.0.1", "127.0.0.1."])
+async def test_a_dns_identifier_that_reads_as_an_address_is_rejected(
+        acme: AcmeClient, form: str) -> None:
+    """RFC 8738: an address is an ip identifier; as a dns one it would dodge IP policy."""
+    account = await acme.new_account()
+    url = acme.dir["newOrder"]
+    body = json.dumps(acme.sign(account.key, {"identifiers": [
+        {"type": "dns", "value": f"ok-{secrets.token_hex(3)}.example.test"},
+        {"type": "dns", "value": form}]}, url, await acme.fresh_nonce(), account.kid)).encode()
+    doc = assert_problem(await acme.post_body(url, body), "rejectedIdentifier", 400)
+    assert form in doc["detail"] and "ip identifier" in doc["detail"], doc
+    await replay_is_refused(acme, url, body)
+    assert (await acme.get(account, account.kid + "/orders"))["orders"] == [], (
+        "a refused new-order made an order")
+
+
+async def test_finalize_with_a_malformed_subject_alt_name_is_bad_csr(
+        acme: AcmeClient, http01: dict[str, str]) -> None:
+    """Two subjectAltName extensions, or an undecodable one: badCSR with a fresh nonce (the
+    client checks Replay-Nonce on every answer), the nonce used, the order still ready."""
+    from tests.support.forged_csr import der, two_san_csr, undecodable_san_csr
+
+    account = await acme.new_account()
+    names = names_for(acme.ca, "forged")
+    order_url, order = await acme.ready_order(account, names, http01)
+    key = new_key()
+    dns = [x509.DNSName(n) for n in names]
+    forged = {"two subjectAltName extensions": (two_san_csr(key, dns, dns), "more than once"),
+              "an undecodable subjectAltName": (undecodable_san_csr(key), "cannot be decoded")}
+    for what, (csr, says) in forged.items():
+        body = json.dumps(acme.sign(account.key, {"csr": b64url(der(csr))}, order["finalize"],
+                                    await acme.fresh_nonce(), account.kid)).encode()
+        doc = assert_problem(await acme.post_body(order["finalize"], body), "badCSR", 400)
+        assert says in doc["detail"], (what, doc)
+        await replay_is_refused(acme, order["finalize"], body)
+        after = await acme.get(account, order_url)
+        assert after["status"] == "ready" and "certificate" not in after, (what, after)
+    # Nothing was lost: the order still finalizes with a well-formed CSR.
+    good = await acme.finalize(account, order, names, key)
+    assert good.status == 200, good
+
+
+async def test_key_change_whose_payload_is_not_json_is_malformed(acme: AcmeClient) -> None:
+    account = await acme.new_account()
+    url = acme.dir["keyChange"]
+    for payload in (b"not json", b'{"protected": ', b"[1, 2]", b"NaN"):
+        header = {"alg": "ES256", "kid": account.kid, "nonce": await acme.fresh_nonce(),
+                  "url": url}
+        body = json.dumps(sign_with_header(account.key, header, payload)).encode()
+        doc = assert_problem(await acme.post_body(url, body), "malformed", 400)
+        assert "payload" in doc["detail"], (payload, doc)
+        await replay_is_refused(acme, url, body)
+    assert (await acme.get(account, account.kid))["status"] == "valid"  # the key is unchanged

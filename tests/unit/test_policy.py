@@ -474,3 +474,38 @@ def test_policy_violation_messages_do_not_carry_raw_control_characters() -> None
     assert message is not None and len(message) < 250 and "..." in message
     message = verdict({"deny": {"dns": ["x.test"]}}, "bad\nname", [])
     assert message is not None and "\n" not in message and "bad\\nname" in message
+
+
+# -- addresses written as names (issue 12) ---------------------------------------------------------
+DENY_LOOPBACK = {"deny": {"ip": ["127.0.0.0/8"]}}
+
+
+def test_ip_rules_judge_every_form_of_an_address() -> None:
+    """A common name that reads as 127.0.0.1 ('0x7f.1', '2130706433') is judged as 127.0.0.1;
+    a DNS name or e-mail domain that reads as an address is no DNS name at all."""
+    cn_denied = "common name {!r} is denied by policy (deny ip '127.0.0.0/8')"
+    run([
+        (DENY_LOOPBACK, "127.0.0.1", [], cn_denied.format("127.0.0.1")),
+        (DENY_LOOPBACK, "0x7f.1", [], cn_denied.format("0x7f.1")),
+        (DENY_LOOPBACK, "2130706433", [], cn_denied.format("2130706433")),
+        (DENY_LOOPBACK, "0177.0.0.1", [], cn_denied.format("0177.0.0.1")),
+        (DENY_LOOPBACK, "10.1", [], None),  # 10.0.0.1: not in the denied range
+        (DENY_LOOPBACK, None, [dns("127.1")],
+         "name '127.1' is not allowed by policy (it is not a valid DNS name)"),
+        (DENY_LOOPBACK, None, [dns("*.0x7f")],
+         "name '*.0x7f' is not allowed by policy (it is not a valid DNS name)"),
+        (DENY_LOOPBACK, None, [email("ops@127.1")],
+         "name 'ops@127.1' is not allowed by policy (it is not a valid email address)"),
+        (DENY_LOOPBACK, None, [dns("a.example"), email("ops@a.example")], None),
+    ])
+
+
+def test_a_uri_host_that_reads_as_an_address_is_an_ip_host() -> None:
+    allow_uri = {"allow": {"uri": ["*.example.com", "127.1"]}}
+    run([
+        (allow_uri, None, [uri("https://127.1/x")], "name 'https://127.1/x' is not allowed by "
+         "policy (its host is an IP address, so no uri rule can match it)"),
+        (allow_uri, None, [uri("https://999.1/x")],
+         "name 'https://999.1/x' is not allowed by policy (it is not a well-formed URI)"),
+        (allow_uri, None, [uri("https://a.example.com/x")], None),
+    ])
