@@ -299,6 +299,9 @@ class UnlockConfig(_Model):
     sealed_pin: str = Field("config/sealed-pin.json", alias="sealedPin")
     admin_socket: str = Field("run/admin.sock", alias="adminSocket")
     tls_dir: str = Field("tls", alias="tlsDir")
+    # Quorum mode: seal again (drop the PIN) when no worker could sign for this long; unset:
+    # keep trying to re-establish the token for as long as it takes (docs/configuration.md).
+    token_loss_seal_after: PositiveDuration | None = Field(None, alias="tokenLossSealAfter")
 
 
 class AuditConfig(_Model):

@@ -57,8 +57,14 @@ class PayloadTooLarge(ApplianceError):
 
 
 class Unavailable(ApplianceError):
+    """The CA cannot do this now; `retry_after` (seconds) becomes the edge's Retry-After."""
+
     status = 503
     acme_type = "serverInternal"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(ApplianceError):

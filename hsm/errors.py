@@ -69,3 +69,32 @@ class UnsupportedKey(HsmError):
 
 class DeviceError(HsmError):
     """The token or its module failed (device error, removed device, broken session...)."""
+
+
+class TokenUnavailable(HsmError):
+    """The token was lost (removed, failed, key gone); signing waits until it is re-established."""
+
+
+# What an operator is told when a token-class error takes the token away: fixed phrases, so that
+# /health and audit records never carry a PKCS#11 return code (the log line has the detail).
+_LOSS_REASONS: tuple[tuple[type[HsmError], str], ...] = (
+    (TokenUnavailable, "the token is unavailable"),
+    (TokenNotFound, "the token is not present"),
+    (ModuleLoadError, "the PKCS#11 module cannot reach the token"),
+    (KeyNotFound, "the CA key cannot be found on the token"),
+    (PinIncorrect, "the token refused the PIN"),
+    (PinLocked, "the token's PIN is locked"),
+    (DeviceError, "the token reported a device error"),
+)
+
+
+def token_loss_reason(error: BaseException) -> str | None:
+    """The operator's phrase when ERROR means the token (or its session) is gone, else None.
+
+    These are the errors a removed device, a closed or invalid session, a vanished key or a
+    failing module produce; retrying the same session cannot cure them, a new login can.
+    """
+    for kind, reason in _LOSS_REASONS:
+        if isinstance(error, kind):
+            return reason
+    return None

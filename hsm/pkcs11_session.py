@@ -19,7 +19,7 @@ from pkcs11.types import Session
 
 from hsm import errors
 
-__all__ = ["login", "translated"]
+__all__ = ["login", "relogin", "translated"]
 
 # python-pkcs11's exceptions -> (our error, its message), first match wins. {token} is the
 # token's label, {name} the python-pkcs11 class (never a PIN: no exception carries one).
@@ -89,3 +89,17 @@ def login(module_path: str, token_label: str, pin: str) -> tuple[Session, frozen
         mechanisms = frozenset(token.slot.get_mechanisms())
         session = token.open(rw=True, user_pin=pin)
     return session, mechanisms
+
+
+def relogin(module_path: str, token_label: str, pin: str) -> tuple[Session, frozenset[Mechanism]]:
+    """On the PKCS#11 thread: finalize the module, initialise it again and log in anew.
+
+    After a device was removed (or its token directory went away), the module's sessions and
+    object handles are dead and it does not notice the token coming back until it is
+    initialised again (measured with SoftHSM2 2.6.1: the old session never finds the key again;
+    C_Finalize + C_Initialize in the same process finds it and signs). C_Finalize closes every
+    session of the process, which is only ours: login belongs to the process.
+    """
+    with contextlib.suppress(p11.PKCS11Error):
+        pkcs11.lib(module_path).finalize()  # a failing C_Initialize leaves it finalized
+    return login(module_path, token_label, pin)

@@ -20,16 +20,17 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11.mechanisms import Mechanism
 from pkcs11.types import PrivateKey, Session
 
-from hsm.errors import HsmError, KeyNotFound, UnsupportedKey
+from hsm.errors import HsmError, KeyNotFound, TokenUnavailable, UnsupportedKey, token_loss_reason
 from hsm.key_attributes import KeyInspection
 from hsm.key_objects import REQUIRED_MECHANISMS
 from hsm.keys import TokenEd25519PrivateKey, TokenEllipticCurvePrivateKey, TokenRSAPrivateKey
 from hsm.keystore import KeyRef, KeySpec, KeyStore, PublicKey, TokenPrivateKey
-from hsm.pkcs11_session import login
+from hsm.pkcs11_session import login, relogin, translated
 from hsm.pkcs11_thread import PKCS11_THREAD
 from hsm.token_keys import TokenKeys
 from hsm.uri import InvalidPkcs11Uri, Pkcs11Uri
@@ -39,6 +40,10 @@ __all__ = ["KeyInspection", "Pkcs11KeyStore"]
 T = TypeVar("T")
 
 _DEFAULT_KEY_ID_BYTES: Final = 8
+
+# Told (reason for an operator, detail for the log) when a signature finds the token gone; it is
+# called on the PKCS#11 thread, so it must only hand the news to its own thread or loop.
+LossListener = Callable[[str, str], None]
 
 
 class Pkcs11KeyStore:
@@ -66,6 +71,13 @@ class Pkcs11KeyStore:
         self._executor = executor
         self._closed = False
         self._keys = TokenKeys(module_path, token_label, session)  # PKCS#11 thread only
+        # Token health: the operator's reason while the token is lost (signing then fails fast
+        # with TokenUnavailable until `reestablish`), and who is told when it goes.
+        self._lost: str | None = None
+        self._loss_listener: LossListener | None = None
+        # The keys handed out and their public halves: found again and compared after a new
+        # login (kept here, as the TokenKeys of a dead session may be gone by then).
+        self._keys_in_use: dict[KeyRef, PublicKey] = {}
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -217,6 +229,7 @@ class Pkcs11KeyStore:
         self._check_ref(ref)
         public = self.public_key(ref)
         self.run(self._keys.private_handle, ref)  # fail now, not at the first signature
+        self._keys_in_use[ref] = public
         if isinstance(public, ec.EllipticCurvePublicKey):
             return TokenEllipticCurvePrivateKey(self, ref, public)
         if isinstance(public, rsa.RSAPublicKey):
@@ -255,13 +268,75 @@ class Pkcs11KeyStore:
         """C_Sign `data` with `mechanism` in the token, on the PKCS#11 thread (internal)."""
         if isinstance(ref_or_handle, KeyRef):
             self._check_ref(ref_or_handle)
-        return self.run(self._keys.sign, ref_or_handle, mechanism, data, mechanism_param)
+        if self._lost is not None:
+            raise TokenUnavailable(f"token {self.token_label!r} is unavailable ({self._lost}); "
+                                   "it is being re-established")
+        try:
+            return self.run(self._keys.sign, ref_or_handle, mechanism, data, mechanism_param)
+        except HsmError as e:
+            self._note_loss(e)
+            raise
+
+    # -- token health ---------------------------------------------------------------------------
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the token is unavailable (an operator's phrase), or None while it signs."""
+        return self._lost
+
+    def on_loss(self, listener: LossListener | None) -> None:
+        """Call LISTENER(reason, detail) when a signature finds the token gone (once per loss)."""
+        self._loss_listener = listener
+
+    def _note_loss(self, error: HsmError) -> None:
+        reason = token_loss_reason(error)
+        if reason is None or self._lost is not None:
+            return
+        self._lost = reason
+        if self._loss_listener is not None:
+            self._loss_listener(reason, str(error)[:300])
+
+    async def reestablish(self, pin: str) -> None:
+        """After a loss: initialise the module again, log in, find the same keys (HsmError).
+
+        Runs on the PKCS#11 thread, after whatever was queued there. Refuses a token whose key
+        under the same label and id is another key than the one the store was opened with.
+        """
+        try:
+            await self.run_async(self._reestablish_on_thread, pin)
+        except HsmError as e:
+            self._lost = token_loss_reason(e) or self._lost or "the token failed"
+            raise
+        self._lost = None
+
+    def _reestablish_on_thread(self, pin: str) -> None:
+        self._keys.close()  # its session died with the token; closing it cannot fail
+        session, mechanisms = relogin(self.module_path, self.token_label, pin)
+        keys = TokenKeys(self.module_path, self.token_label, session)
+        try:
+            with translated(self.token_label):
+                for ref, public in self._keys_in_use.items():
+                    keys.private_handle(ref)
+                    if not _same_public_key(public, keys.public_key(ref)):
+                        raise KeyNotFound(
+                            f"the key {ref.label!r} on token {self.token_label!r} is not the "
+                            "key the CA was started with")
+        except BaseException:
+            keys.close()
+            raise
+        self._mechanisms = mechanisms
+        self._keys = keys
 
     def _check_ref(self, ref: KeyRef) -> None:
         if ref.token_label != self.token_label:
             raise KeyNotFound(
                 f"key {ref.label!r} is on token {ref.token_label!r}, not on {self.token_label!r}"
             )
+
+
+def _same_public_key(a: PublicKey, b: PublicKey) -> bool:
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(der, spki) == b.public_bytes(der, spki)
 
 
 if TYPE_CHECKING:

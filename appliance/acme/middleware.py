@@ -58,7 +58,7 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise
         response = _refused(request, _problem_of(request, e))
     except Exception as e:  # noqa: BLE001 - every answer is a problem document
-        response = _refused(request, _problem_of(request, e))
+        response = _refused(request, _problem_of(request, e), getattr(e, "retry_after", None))
     try:
         await use_pending_nonce(request, service)
     except (AcmeProblem, ApplianceError) as e:
@@ -67,9 +67,13 @@ async def acme_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def _refused(request: web.Request, problem: AcmeProblem) -> web.Response:
+def _refused(request: web.Request, problem: AcmeProblem, retry_after: int | None = None
+             ) -> web.Response:
     request[REQUEST_ERROR] = problem.detail
-    return problem_response(problem)
+    response = problem_response(problem)
+    if retry_after:  # Unavailable (the token is away): when to try again
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 async def add_acme_headers(service: AcmeService, request: web.Request,

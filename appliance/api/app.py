@@ -162,6 +162,9 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApplianceError as e:
         response = error_body(e.status, e.message)
         request[REQUEST_ERROR] = e.message
+        retry_after = getattr(e, "retry_after", None)  # Unavailable: the token is away...
+        if retry_after:
+            response.headers["Retry-After"] = str(retry_after)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[STATE].config.max_body_bytes
         response = error_body(413, f"request body is larger than {limit} bytes")
@@ -207,7 +210,10 @@ def tls_options(config: CaConfig) -> dict[str, Any]:
 # -- handlers ---------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     status, body = request.app[STATE].health()
-    return web.json_response(body, status=status)
+    response = web.json_response(body, status=status)
+    if isinstance(body.get("retryAfter"), int):
+        response.headers["Retry-After"] = str(body["retryAfter"])
+    return response
 
 
 async def version(request: web.Request) -> web.Response:

@@ -32,6 +32,9 @@ from appliance.storage import CertificateIntent, Store, TokenReused, TokenUse
 
 T = TypeVar("T")
 MAX_BATCH = 64  # requests one cycle takes from the queue
+# Retry-After of a request refused because the token is unavailable: the server tries to
+# re-establish a lost token at least this often (appliance/server/token_health.py).
+TOKEN_RETRY_AFTER_SECONDS = 5
 log = structlog.get_logger("appliance.issuance")
 
 # The extensions `_build` sets itself; a request's extra extensions may not repeat them.
@@ -88,6 +91,12 @@ def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorith
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()
+
+
+def token_unavailable(reason: str) -> Unavailable:
+    """The refusal while the token is lost: the reason is an operator's phrase, no code."""
+    return Unavailable(f"the token is unavailable ({reason}); issuance resumes when it is back",
+                       retry_after=TOKEN_RETRY_AFTER_SECONDS)
 
 
 def leaf_key_usage(public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
@@ -151,8 +160,12 @@ class Issuer:
         run_signing: SigningRunner,
         store: Store,
         audit: AuditSink | None = None,
+        token_lost: Callable[[], str | None] | None = None,
     ) -> None:
         self.audit = audit
+        # Why the token cannot sign now (None: it can): requests are then refused before a
+        # serial is reserved or an audit record written, instead of failing at the signature.
+        self._token_lost = token_lost
         self.certificate = certificate
         self.chain = chain  # intermediate(s) up to, not including, the root
         self._chain_pem = tuple(c.public_bytes(serialization.Encoding.PEM).decode()
@@ -176,6 +189,7 @@ class Issuer:
         still passes every step on its own: its intent and audit record before its signature,
         its certificate recorded before it is returned, its own outcome.
         """
+        self._refuse_if_token_lost()
         loop = asyncio.get_running_loop()
         job = _Job(request, x509.random_serial_number(), loop.create_future(), self)
         self._pending.append(job)
@@ -254,8 +268,12 @@ class Issuer:
             with contextlib.suppress(Unavailable):
                 await self.record_many([job.audit_event("failure", "the token did not sign")
                                         for job in unsigned])
+            lost = self._token_lost() if self._token_lost is not None else None
+            error = (token_unavailable(lost) if lost is not None else Unavailable(
+                "the token could not sign the certificate; try again",
+                retry_after=TOKEN_RETRY_AFTER_SECONDS))
             for job in unsigned:
-                job.fail(Unavailable("the token could not sign the certificate; try again"))
+                job.fail(error)
         if unbuilt:
             await self._store.record_failures([job.serial for job, _ in unbuilt])
             with contextlib.suppress(Unavailable):
@@ -321,9 +339,19 @@ class Issuer:
         )
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
-        crl: x509.CertificateRevocationList = await asyncio.shield(self._run_signing(
-            partial(builder.sign, self._key, self._hash)))  # type: ignore[arg-type]
+        self._refuse_if_token_lost()
+        try:
+            crl: x509.CertificateRevocationList = await asyncio.shield(self._run_signing(
+                partial(builder.sign, self._key, self._hash)))  # type: ignore[arg-type]
+        except Exception:
+            self._refuse_if_token_lost()  # the signature just found the token gone: say so
+            raise
         return crl
+
+    def _refuse_if_token_lost(self) -> None:
+        lost = self._token_lost() if self._token_lost is not None else None
+        if lost is not None:
+            raise token_unavailable(lost) from None
 
     def _build(self, request: IssuanceRequest, serial: int) -> x509.Certificate:
         try:

@@ -119,7 +119,8 @@ def compose_services(config_path: Path, keystore: Pkcs11KeyStore, *,
         raise ConfigError(f"the key {config.key} in the token does not match {config.crt}")
     store = store or SqliteStore.open(resolve_path(home, config.db.data_source))
     audit = audit or audit_log(config, home)
-    issuer = Issuer(intermediate, (intermediate,), key, keystore.run_async, store, audit)
+    issuer = Issuer(intermediate, (intermediate,), key, keystore.run_async, store, audit,
+                    token_lost=lambda: keystore.lost_reason)
     authority = Authority(config, issuer, root, store, home, clock=clock or time.time)
     return Services(config_path, home, config, keystore, store, issuer, authority, root,
                     intermediate, audit, owns_keystore=owns_keystore)

@@ -11,7 +11,10 @@ The supervisor logs into the issuer token itself to check the key and issue the 
 certificate (renewed at two thirds of its life, handed to workers over their control pipes),
 forwards SIGHUP as a reload, turns SIGTERM into a graceful drain, and restarts a worker that dies
 (pool.py; the worker's side is worker.py). In quorum mode it starts sealed: /health says so and
-the admin socket collects custodians' shares until the PIN is whole.
+the admin socket collects custodians' shares until the PIN is whole. When workers lose the token
+it records the loss and the recovery, says so to systemd, and (quorum mode, when
+unlock.tokenLossSealAfter is set) seals again if no worker could sign for that long
+(token_health.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from appliance.server.tls import (
     save_server_tls,
     server_context,
 )
+from appliance.server.token_health import node_name
 from appliance.server.worker import DRAIN_SECONDS
 from appliance.unlock.admin import AdminServer
 from appliance.unlock.quorum import SealedPin, ShareCollector, ShareRefused
@@ -91,7 +95,10 @@ class Supervisor:
         self._stop_recorded = False
         self._listeners: Listeners | None = None
         self._pool = WorkerPool(options.config_path, options.resolver, options.workers,
-                                lambda: self.config, self._worker_ready, self._give_up)
+                                lambda: self.config, self._worker_ready, self._give_up,
+                                self._token_changed)
+        self._token_lost_at: float | None = None  # monotonic time the first worker lost it
+        self._token_seal: asyncio.TimerHandle | None = None
 
     @property
     def config(self) -> CaConfig:
@@ -104,6 +111,62 @@ class Supervisor:
     def _worker_ready(self) -> None:
         if self._listeners is not None:
             self._listeners.resume()  # in case every worker was down
+
+    def _token_changed(self) -> None:
+        """A worker lost its token or got it back: log, audit and tell systemd once per change."""
+        losses = self._pool.token_losses()
+        host, port = self.config.host_port()
+        if losses and self._token_lost_at is None:
+            self._token_lost_at = time.monotonic()
+            reason = losses[0][1]
+            log.error("token_unavailable", node=node_name(), reason=reason,
+                      workers=[i for i, _ in losses])
+            self._background(self._record("token.lost", "failure", {
+                "node": node_name(), "reason": reason, "workers": [i for i, _ in losses]}))
+            seal_after = self._config.unlock.token_loss_seal_after
+            if self.quorum and seal_after is not None:
+                self._token_seal = asyncio.get_running_loop().call_later(
+                    seal_after.value.total_seconds(), self._seal_for_token_loss)
+        elif not losses and self._token_lost_at is not None:
+            lost_for = round(time.monotonic() - self._token_lost_at, 1)
+            self._token_lost_at = None
+            if self._token_seal is not None:
+                self._token_seal.cancel()
+                self._token_seal = None
+            log.info("token_available", node=node_name(), lost_for_s=lost_for)
+            self._background(self._record("token.restored", "success", {
+                "node": node_name(), "lost_for_s": lost_for}))
+        if not self._serving:
+            return
+        if not losses:
+            notify(f"STATUS=serving on {host}:{port} with {len(self._pool)} workers")
+        elif self._pool.can_sign():
+            notify(f"STATUS=serving on {host}:{port}; token unavailable in {len(losses)} of "
+                   f"{len(self._pool)} workers ({losses[0][1]}), re-establishing")
+        else:
+            notify(f"STATUS=token unavailable: {losses[0][1]}; issuance refused (503) while "
+                   "re-establishing it")
+
+    def _seal_for_token_loss(self) -> None:
+        self._token_seal = None
+        if self._token_lost_at is None or self._pool.can_sign() or self._seal.is_set():
+            return
+        after = self._config.unlock.token_loss_seal_after
+        log.error("sealing_token_lost", node=node_name(), after=str(after))
+        self._background(self._record("seal", "success", {
+            "reason": f"the token was unavailable for {after}", "node": node_name()}))
+        self._seal.set()
+
+    async def _own_token_back(self) -> None:
+        """Log the supervisor's own session in again when its token was lost (it signs the
+        server's TLS certificate and the audit checkpoints); a failure waits for the next use."""
+        if self.services is None or self._pin is None or \
+                self.services.keystore.lost_reason is None:
+            return
+        try:
+            await self.services.keystore.reestablish(self._pin)
+        except HsmError as e:
+            log.warning("token_still_unavailable", process="supervisor", reason=str(e)[:300])
 
     def _give_up(self) -> None:
         self.failed = True  # exit non-zero so that systemd's Restart=on-failure acts
@@ -195,6 +258,7 @@ class Supervisor:
         """A record signed by the issuer key over the chain head (needs the token: unsealed)."""
         if self.services is None:
             return
+        await self._own_token_back()
         try:
             await self._audit.checkpoint(self.services.issuer.audit_signer(),
                                          self.services.issuer.certificate, "supervisor")
@@ -363,6 +427,10 @@ class Supervisor:
             log.info("stopping" if self._stop.is_set() else "sealing_workers")
         finally:
             self._serving = False
+            self._token_lost_at = None  # the next workers start with a token of their own
+            if self._token_seal is not None:
+                self._token_seal.cancel()
+                self._token_seal = None
             if self._listeners is not None:
                 self._listeners.stop_dispatching()  # new connections wait in the backlog
             await self._pool.shutdown()
@@ -422,6 +490,7 @@ class Supervisor:
             await asyncio.sleep(max(remaining - TLS_LIFETIME_SECONDS / 3, 1.0))
             try:
                 assert self.services is not None
+                await self._own_token_back()
                 self._tls = await issue_server_certificate(self.services.authority,
                                                            self.config.dns_names)
                 if self.quorum:

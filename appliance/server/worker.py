@@ -3,7 +3,7 @@
 Spawned (not forked), so no PKCS#11 state is inherited: each worker logs into the issuer token
 itself with the PIN the supervisor sends over the control pipe, serves the connections the
 supervisor hands over (dispatch.py), and answers the supervisor's messages: reload, a renewed
-TLS certificate, stop.
+TLS certificate, stop, and a lost token's retry (token_health.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from appliance.server.connections import ConnectionLimits
 from appliance.server.dispatch import PLAIN, TLS, HandedOverSite, HandOverChannel
 from appliance.server.hardening import forbid_core_dumps
 from appliance.server.tls import load_chain, server_context
+from appliance.server.token_health import WorkerToken
 from hsm.errors import DeviceError, HsmError, TokenNotFound
 
 log = structlog.get_logger("appliance.server")
@@ -106,6 +107,8 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
     ssl_context = server_context(services.config.tls, chain, key_pem, pem(services.root))
     del key_pem
     served = create_server_app(services, resolver=resolver)
+    token = WorkerToken(index, services.keystore, control)  # a lost token: 503, told upward
+    served.state.health = token.health
     # Both listeners' connections come from the supervisor, which enforces the caps per
     # address and in total; here each gets the header deadline and the keep-alive timeout.
     limits = ConnectionLimits.of(services.config)
@@ -138,6 +141,8 @@ async def _worker(index: int, config_path: Path, resolver: str | None, control: 
             log.info("tls_certificate_reloaded")
         elif message[0] == "stop":
             stop.set()
+        elif message[0] == "token_retry":
+            token.retry(message[1])  # the PIN, to log in again after the token was lost
 
     loop.add_reader(control.fileno(), on_control)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
