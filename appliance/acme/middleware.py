@@ -88,7 +88,10 @@ async def add_acme_headers(service: AcmeService, request: web.Request,
     # path's text would carry a requester's CR/LF or quotes into the header (an injected
     # Set-Cookie or Link parameter, or a response aiohttp refuses to write, dropping the
     # connection). An unknown provisioner has no directory, as in step-ca.
-    link = index_link(request, service)
+    try:
+        link = index_link(request, service)
+    except Exception:  # noqa: BLE001 - the lookup itself failed: the answer says so, unlinked
+        link = None
     if link is not None:
         response.headers.add("Link", link)
 
