@@ -507,8 +507,9 @@ def test_kms_check_shows_from_the_token_that_both_keys_stay_in_it(ca: CaServer) 
     assert text.count("=> in the token, and it cannot leave it") == 2, text
     for line in ("CKA_SENSITIVE          true", "CKA_EXTRACTABLE        false",
                  "CKA_NEVER_EXTRACTABLE  true", "CKA_LOCAL              true",
-                 "CKA_MODIFIABLE         false", "read CKA_VALUE         refused  CKR_ATTRIBUTE_SENSITIVE", "test signature"
-                 "         verifies"):
+                 "CKA_MODIFIABLE         false",
+                 "read CKA_VALUE         refused  CKR_ATTRIBUTE_SENSITIVE",
+                 "test signature         verifies"):
         assert text.count(line) == 2, (line, text)
     assert ca.issuer_pin not in text + out.stderr and ca.root_pin not in text + out.stderr
     doc = json.loads(ca.run_cli("kms", "check", "--json", "--issuer-password-file",
