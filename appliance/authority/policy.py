@@ -83,6 +83,9 @@ class _Uri:
     kind: ClassVar[str] = "uri"
     host: str | None  # lowercase domain, or None when there is no host name to match
     why_no_host: str = ""
+    # The address a URI's IP host reaches ('https://127.1/' reaches 127.0.0.1): deny ip rules
+    # apply to it, so no address form slips past them inside a URI.
+    address: IPAddress | None = None
 
 
 _Name = _Dns | _Ip | _Email | _Uri
@@ -132,23 +135,23 @@ def _read_uri(value: str) -> _Uri | None:
         if not bracket or not (port == "" or (port[0] == ":" and _PORT.fullmatch(port[1:]))):
             return None
         try:
-            ipaddress.IPv6Address(literal)
+            literal_address = ipaddress.IPv6Address(literal)
         except ValueError:
             return None
-        return _Uri(None, "its host is an IP address")
+        return _Uri(None, "its host is an IP address", literal_address)
     host, _, port = host_port.partition(":")
     if not _PORT.fullmatch(port) or "[" in host or "]" in host:
         return None
     if not host:
         return _Uri(None, "it has no host")
     try:
-        ipaddress.ip_address(host)
-        return _Uri(None, "its host is an IP address")
+        return _Uri(None, "its host is an IP address", ipaddress.ip_address(host))
     except ValueError:
         pass
     name = host.lower().removesuffix(".")
     if reads_as_ipv4(name):  # URL parsers read 'https://127.1/' as https://127.0.0.1/
-        return _Uri(None, "its host is an IP address") if ipv4_of_name(name) else None
+        address = ipv4_of_name(name)
+        return _Uri(None, "its host is an IP address", address) if address else None
     return _Uri(name) if is_domain(name) else None
 
 
@@ -371,6 +374,8 @@ class X509NamePolicy:
             raise _not_allowed(subject, shown, reason)
 
     def _refuse_if_denied(self, subject: str, shown: str, name: _Name) -> None:
+        if isinstance(name, _Uri) and name.address is not None:
+            self._refuse_if_denied(subject, shown, _Ip(name.address))
         entry = self._deny.match(name)
         if entry is None and isinstance(name, _Ip) and isinstance(
                 name.address, ipaddress.IPv6Address) and name.address.ipv4_mapped is not None:

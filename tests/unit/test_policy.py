@@ -509,3 +509,20 @@ def test_a_uri_host_that_reads_as_an_address_is_an_ip_host() -> None:
          "name 'https://999.1/x' is not allowed by policy (it is not a well-formed URI)"),
         (allow_uri, None, [uri("https://a.example.com/x")], None),
     ])
+
+
+def test_ip_deny_rules_reach_the_ip_host_of_a_uri() -> None:
+    """deny ip 127.0.0.0/8 is not dodged by putting the address in a URI, in any form."""
+    deny_loopback = {"deny": {"ip": ["127.0.0.0/8", "::1/128"]}}
+    run([
+        (deny_loopback, None, [uri("https://127.0.0.1/admin")],
+         DENIED.format("https://127.0.0.1/admin", "ip", "127.0.0.0/8")),
+        (deny_loopback, None, [uri("https://127.1:8443/")],
+         DENIED.format("https://127.1:8443/", "ip", "127.0.0.0/8")),
+        (deny_loopback, None, [uri("https://0x7f.0.0.1/")],
+         DENIED.format("https://0x7f.0.0.1/", "ip", "127.0.0.0/8")),
+        (deny_loopback, None, [uri("https://[::1]/")],
+         DENIED.format("https://[::1]/", "ip", "::1/128")),
+        (deny_loopback, None, [uri("https://10.0.0.1/")], None),  # outside the denied range
+        (deny_loopback, None, [uri("https://svc.example.com/")], None),
+    ])
