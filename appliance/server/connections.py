@@ -34,6 +34,8 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.web_protocol import RequestHandler
 
 from appliance.config import CaConfig
 
@@ -181,12 +183,37 @@ def read_close_reports(channel: socket.socket) -> list[int]:
         ids.extend(i for (i,) in CONNECTION_ID.iter_unpack(data[:len(data) // 8 * 8]))
 
 
+class StepCaErrorsHandler(RequestHandler):
+    """aiohttp's RequestHandler, answering a request it cannot parse with step-ca JSON that
+    quotes nothing: aiohttp's own answer is plain text with the parser's message, which repeats
+    up to ~100 bytes of what the client sent, and the edge's JSON errors never see it."""
+
+    __slots__ = ()  # the same layout as RequestHandler, so a handler can take this class
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        if isinstance(exc, BadHttpMethod):  # TLS or other noise on the port: not a warning
+            self.logger.debug("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; the connection is closed")
+        text = ("the request is not valid HTTP" if 400 <= status < 500
+                else "the server could not handle the request")
+        response = web.json_response({"status": status, "message": text}, status=status)
+        response.force_close()
+        return response
+
+
 class BoundedConnection(asyncio.Protocol):
     """An aiohttp RequestHandler with a header deadline, reporting its close exactly once."""
 
     def __init__(self, server: web.Server, registry: dict[Any, BoundedConnection],
                  deadline: float, header_timeout: float, on_close: Callable[[], None]) -> None:
         self.handler = server()
+        # web.Server makes the handler; only its error answer changes (same slots, same state).
+        self.handler.__class__ = StepCaErrorsHandler
         self._registry = registry  # aiohttp's handler -> this, for bound_requests
         registry[self.handler] = self
         self._header_timeout = header_timeout
