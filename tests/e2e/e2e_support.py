@@ -304,6 +304,16 @@ class CaServer:
         ctx.load_verify_locations(cafile=str(self.root_path))
         return ctx
 
+    def raw_tls_request(self, request: bytes) -> bytes:
+        """Send bytes no HTTP client would send; return what the server answers before closing."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as plain, \
+                self.ssl_context().wrap_socket(plain, server_hostname="localhost") as tls:
+            tls.sendall(request)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            return answer
+
     def openssl_verify(self, crt_file: Path, purpose: str = "sslserver") -> list[x509.Certificate]:
         """Split CRT (leaf + intermediate), verify the leaf with openssl; return the chain."""
         chain = load_chain(crt_file)

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 
 import pytest
 
 from tests.e2e.e2e_support import CaServer
 
 pytestmark = pytest.mark.e2e
-
-
-def raw_tls_request(ca: CaServer, request: bytes) -> bytes:
-    """Send bytes no HTTP client would send; return what the server answers before closing."""
-    with socket.create_connection(("127.0.0.1", ca.port), timeout=10) as plain, \
-            ca.ssl_context().wrap_socket(plain, server_hostname="localhost") as tls:
-        tls.sendall(request)
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
-        return answer
 
 
 @pytest.mark.parametrize("template", [
@@ -32,7 +20,7 @@ def raw_tls_request(ca: CaServer, request: bytes) -> bytes:
 def test_unparseable_request_is_a_step_ca_json_400_that_quotes_nothing(
         ca: CaServer, template: str) -> None:
     marker = secrets.token_hex(8)
-    answer = raw_tls_request(ca, template.format(marker=marker).encode())
+    answer = ca.raw_tls_request(template.format(marker=marker).encode())
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line, *headers = head.decode("latin-1").split("\r\n")
     assert " 400 " in status_line, answer[:300]

@@ -16,7 +16,6 @@ import re
 import resource
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -147,17 +146,6 @@ def server_header(url: str, context: ssl.SSLContext | None = None) -> str | None
     return None if value is None else str(value)
 
 
-def raw_tls_request(ca: CaServer, request: bytes) -> bytes:
-    """Send bytes no HTTP client would send; return what the server answers before closing."""
-    with socket.create_connection(("127.0.0.1", ca.port), timeout=10) as plain, \
-            ca.ssl_context().wrap_socket(plain, server_hostname="localhost") as tls:
-        tls.sendall(request)
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
-        return answer
-
-
 def test_no_listener_names_its_software_versions(hardened_ca: CaServer) -> None:
     insecure = json.loads(hardened_ca.config_path.read_text())["insecureAddress"]
     context = hardened_ca.ssl_context()
@@ -166,7 +154,7 @@ def test_no_listener_names_its_software_versions(hardened_ca: CaServer) -> None:
         "ACME": server_header(f"{hardened_ca.url}/acme/no-such-provisioner/directory", context),
         "plain HTTP": server_header(f"http://{insecure}/roots.pem"),
     }
-    answer = raw_tls_request(hardened_ca, b"GET / HTTP/1.1\r\nHost: localhost\r\nX: a\x01\r\n\r\n")
+    answer = hardened_ca.raw_tls_request(b"GET / HTTP/1.1\r\nHost: localhost\r\nX: a\x01\r\n\r\n")
     assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer[:200]
     found = re.search(rb"^Server: (.*)\r$", answer, re.MULTILINE)
     seen["malformed HTTP"] = found.group(1).decode() if found else None
@@ -182,7 +170,7 @@ def test_malformed_http_is_logged_as_one_json_line_without_what_was_sent(
     for request in (  # a header value with a control byte; a NUL in the request line's URL
             f"GET /health HTTP/1.1\r\nHost: localhost\r\nX: {credential}\x01\r\n\r\n",
             f"GET /health\x00pin={marker} HTTP/1.1\r\nHost: localhost\r\n\r\n"):
-        answer = raw_tls_request(hardened_ca, request.encode())
+        answer = hardened_ca.raw_tls_request(request.encode())
         assert b" 400 " in answer.split(b"\r\n")[0], answer[:200]
     deadline = time.monotonic() + 10
     while True:
